@@ -15,7 +15,7 @@ Four modalities, each recognisable at a glance, each with optional findings that
             or intraretinal cysts.
 
 Sides follow the radiological convention: the patient's left is on the image's right.
-Images are float32 in [0, 1], shape (size, size).
+Images are float32 in [0, 1], shape (resolution, resolution).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def make_phantom(
     modality: str,
     seed: int,
     finding: str | None = None,
-    size: int = 64,
+    resolution: int = 64,
     **attributes: str,
 ) -> Phantom:
     """Draw one phantom of ``modality`` with ``finding`` (or none), deterministically from ``seed``.
@@ -236,21 +236,21 @@ def make_phantom(
     if modality == "CT" and finding == "lesion":
         attrs["size"] = attributes.get("size") or rng.choice(["small", "large"]).item()
         attrs["brightness"] = attributes.get("brightness") or rng.choice(["bright", "dark"]).item()
-    image = np.clip(_DRAW[modality](rng, size, finding, attrs), 0.0, 1.0).astype(np.float32)
+    image = np.clip(_DRAW[modality](rng, resolution, finding, attrs), 0.0, 1.0).astype(np.float32)
     return Phantom(image, _prompt(modality, finding, attrs), modality, finding, attrs, seed)
 
 
-def random_phantom(seed: int, size: int = 64, finding_rate: float = 0.5) -> Phantom:
+def random_phantom(seed: int, resolution: int = 64, finding_rate: float = 0.5) -> Phantom:
     """A phantom of a random modality; a finding with probability ``finding_rate``."""
     chooser = random.Random(seed)
     modality = chooser.choice(MODALITIES)
     finding = chooser.choice(FINDINGS[modality]) if chooser.random() < finding_rate else None
-    return make_phantom(modality, seed, finding, size)
+    return make_phantom(modality, seed, finding, resolution)
 
 
-def phantom_set(n: int, first_seed: int = 0, size: int = 64) -> list[Phantom]:
+def phantom_set(n: int, first_seed: int = 0, resolution: int = 64) -> list[Phantom]:
     """``n`` random phantoms with consecutive seeds, for training and evaluation sets."""
-    return [random_phantom(first_seed + i, size) for i in range(n)]
+    return [random_phantom(first_seed + i, resolution) for i in range(n)]
 
 
 def all_prompts() -> list[str]:

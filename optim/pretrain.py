@@ -235,7 +235,7 @@ def pretrain(cfg: PretrainConfig) -> None:
 
     log(f"config {json.dumps(asdict(cfg))}")
     components = build_components(out / "tokenizer", cfg.resolution)
-    phantoms = phantom_set(cfg.n_images, first_seed=0, size=cfg.resolution)
+    phantoms = phantom_set(cfg.n_images, first_seed=0, resolution=cfg.resolution)
     images = phantom_tensor(phantoms)
     train_vae(components["vae"], images, cfg, log)
     means, stds = encode_latents(components["vae"], images)

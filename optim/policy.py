@@ -1,0 +1,369 @@
+"""The generator as a policy: a diffusers Stable Diffusion pipeline with LoRA, sampled step by step.
+
+``Policy.sample`` draws a group of candidates in ONE batched run (classifier-free guidance batched
+too) with stochastic DDIM, and records what GRPO and DPO need: the latents at every step, the
+timesteps, each step's log-probability under the guided policy, and the prompt embeddings.
+``Policy.log_probs`` re-scores a stored trajectory under the current weights; with unchanged
+weights the ratio is exactly 1.
+
+Each candidate has its own seed (drawn from the group seed), and its own random generator for the
+initial latent and every step's noise, so one candidate can be re-drawn alone with ``seeds=[s]``.
+
+The reference policy is the same network with the LoRA adapters disabled (``with
+policy.reference():``). Versions are adapter weights in a ``VersionStore``.
+
+Command line::
+
+    python -m optim.policy sample --prompt "OCT: retinal layers with subretinal fluid" -n 4 --seed 0 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from optim.logprob import ddim_step, epsilon_from_output, step_alphas
+from optim.versions import Version, VersionStore
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "generator"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+MAX_CANDIDATES = 64
+
+
+class ModelLoadError(ValueError):
+    """A model folder that is missing, not a diffusers pipeline, or of an unsupported kind."""
+
+
+@dataclass
+class SamplingSettings:
+    steps: int = 20
+    guidance: float = 5.0
+    eta: float = 1.0
+
+    def check(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
+        if self.guidance < 1.0:
+            raise ValueError(f"guidance must be at least 1.0 (1.0 = no guidance), got {self.guidance}")
+        if not 0.0 < self.eta <= 1.0:
+            raise ValueError(f"eta must be in (0, 1], got {self.eta}: log-probabilities need a stochastic step")
+
+
+@dataclass
+class Trajectory:
+    """The denoising chains of one group of candidates, everything needed to re-score them."""
+
+    prompt: str
+    seeds: list[int]
+    settings: SamplingSettings
+    timesteps: torch.Tensor  # (T,) int
+    latents: torch.Tensor  # (n, T + 1, C, h, w): x_T ... x_0
+    log_probs: torch.Tensor  # (n, T): log-prob of latents[:, j + 1] given latents[:, j]
+    prompt_embeds: torch.Tensor  # (1, L, D)
+    negative_embeds: torch.Tensor  # (1, L, D), the empty prompt's
+
+
+@dataclass
+class Samples:
+    images: list[Image.Image]
+    trajectory: Trajectory
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    """Per-candidate seeds for a group: a prefix-stable stream, so n=2 gives the first two of n=4."""
+    stream = random.Random(seed)
+    return [stream.getrandbits(31) for _ in range(n)]
+
+
+def check_model_folder(path: Path) -> None:
+    """Refuse, with a message that says what is wrong, anything that is not an SD 1.x/2.x folder."""
+    if not path.exists():
+        raise ModelLoadError(f"model folder not found: {path}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    kind = json.loads(index.read_text()).get("_class_name")
+    if kind not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"{path} holds a {kind}, which is not supported: load a Stable Diffusion 1.x/2.x-style "
+            f"pipeline ({', '.join(SUPPORTED_PIPELINES)})"
+        )
+
+
+class Policy:
+    def __init__(self, pipeline, model_path: Path, device: torch.device, lora_rank: int = 4):
+        from diffusers import DDIMScheduler
+        from peft import LoraConfig
+
+        self.pipeline = pipeline
+        self.model_path = model_path
+        self.device = device
+        self.unet = pipeline.unet
+        self.vae = pipeline.vae
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
+        # Stochastic DDIM whatever the checkpoint shipped with. Clipping and thresholding are off:
+        # the Gaussian log-probability is exact only for the unclipped step.
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False, thresholding=False)
+        pipeline.scheduler = self.scheduler
+        self.prediction_type = self.scheduler.config.prediction_type
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False).eval()
+        # LoRA starts with B = 0, so the adapted network is exactly the base network until trained.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.unet.add_adapter(
+                LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True, target_modules=LORA_TARGETS)
+            )
+        self.version: str | None = None
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4) -> "Policy":
+        """Load the embedded default (``model=None``) or a local diffusers folder; cuda when present."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        if model is None and not path.exists():
+            raise ModelLoadError(f"the embedded default model is missing at {path}; rebuild it with python -m optim.pretrain")
+        check_model_folder(path)
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                path, safety_checker=None, requires_safety_checker=False, local_files_only=True, use_safetensors=True
+            )
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise ModelLoadError(f"could not load the pipeline in {path}: {error}") from error
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipeline.to(target)
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, path.resolve(), target, lora_rank)
+
+    # ------------------------------------------------------------------ adapters and versions
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy: the same UNet with its LoRA adapters disabled."""
+        self.unet.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.unet.enable_adapters()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name, p in self.unet.named_parameters() if "lora_" in name]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+
+    def load_lora_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.unet, {k: v.to(self.device) for k, v in weights.items()})
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"adapter weights do not fit this model: unexpected keys such as {unexpected[0]}")
+
+    def save_version(self, store: VersionStore, algorithm: str | None = None, metrics: dict | None = None) -> Version:
+        """Save the current adapter weights as a new version (made current) and switch to it."""
+        version = store.save(
+            self.lora_state_dict(), parent=self.version, algorithm=algorithm, base_model=str(self.model_path), metrics=metrics
+        )
+        self.version = version.id
+        return version
+
+    def use_version(self, store: VersionStore, version_id: str) -> Version:
+        """Load the weights of ``version_id`` into the UNet's adapters."""
+        version = store.get(version_id)
+        if version.base_model != str(self.model_path):
+            raise ValueError(
+                f"version {version_id} was trained on {version.base_model}, not on the loaded model {self.model_path}"
+            )
+        self.load_lora_state_dict(store.weights(version_id))
+        self.version = version.id
+        return version
+
+    def open_versions(self, store: VersionStore) -> Version:
+        """Load the store's current version, creating ``v0`` (the base model) in an empty store."""
+        if store.current is None:
+            return self.save_version(store, algorithm=None, metrics={})
+        return self.use_version(store, store.current)
+
+    # ------------------------------------------------------------------ sampling and scoring
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the prompt and of the empty prompt (for guidance), each (1, L, D)."""
+        tokens = self.tokenizer(
+            [prompt, ""], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        embeds = self.text_encoder(tokens)[0]
+        return embeds[:1], embeds[1:]
+
+    def guided_epsilon(self, latents, timestep, prompt_embeds, negative_embeds, guidance: float, alpha_t: float):
+        """The classifier-free-guided noise prediction for a batch, in one UNet call."""
+        n = latents.shape[0]
+        if guidance == 1.0:
+            output = self.unet(latents, timestep, prompt_embeds.expand(n, -1, -1)).sample
+            return epsilon_from_output(output, latents, alpha_t, self.prediction_type)
+        embeds = torch.cat([negative_embeds.expand(n, -1, -1), prompt_embeds.expand(n, -1, -1)])
+        output = self.unet(torch.cat([latents, latents]), timestep, embeds).sample
+        output = epsilon_from_output(output, torch.cat([latents, latents]), alpha_t, self.prediction_type)
+        unconditional, conditional = output.chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str,
+        n: int = 4,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 5.0,
+        eta: float = 1.0,
+        seeds: list[int] | None = None,
+    ) -> Samples:
+        """Draw ``n`` candidates for ``prompt`` in one batched run, recording their trajectories."""
+        if not prompt or not prompt.strip():
+            raise ValueError("prompt is empty: describe the image to generate, e.g. 'CT: axial slice of the abdomen'")
+        seeds = list(seeds) if seeds is not None else candidate_seeds(seed, n)
+        if not 1 <= len(seeds) <= MAX_CANDIDATES:
+            raise ValueError(f"n must be between 1 and {MAX_CANDIDATES}, got {len(seeds)}")
+        settings = SamplingSettings(steps, guidance, eta)
+        settings.check()
+        prompt_embeds, negative_embeds = self.encode_prompt(prompt)
+        self.scheduler.set_timesteps(steps)
+        timesteps = self.scheduler.timesteps.clone()
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = self.latent_shape()
+
+        def noise() -> torch.Tensor:  # one draw per candidate, from that candidate's own generator
+            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+
+        latents = noise() * self.scheduler.init_noise_sigma
+        chain, log_probs = [latents], []
+        for t in timesteps:
+            alpha_t, alpha_prev = step_alphas(self.scheduler, int(t), steps)
+            eps = self.guided_epsilon(latents, t, prompt_embeds, negative_embeds, guidance, alpha_t)
+            latents, log_prob, _, _ = ddim_step(eps, latents, alpha_t, alpha_prev, eta, noise=noise())
+            chain.append(latents)
+            log_probs.append(log_prob)
+        trajectory = Trajectory(
+            prompt=prompt,
+            seeds=seeds,
+            settings=settings,
+            timesteps=timesteps,
+            latents=torch.stack(chain, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            prompt_embeds=prompt_embeds,
+            negative_embeds=negative_embeds,
+        )
+        return Samples(self.decode(latents), trajectory)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return self.pipeline.image_processor.postprocess(images, output_type="pil")
+
+    def step_log_probs(self, trajectory: Trajectory, step: int) -> torch.Tensor:
+        """Log-probs (n,) of the stored move at ``step`` under the current weights (with grad if enabled).
+
+        The batch is laid out exactly as in sampling, so unchanged weights give identical numbers.
+        """
+        settings = trajectory.settings
+        t = int(trajectory.timesteps[step])
+        alpha_t, alpha_prev = step_alphas(self.scheduler, t, settings.steps)
+        x_t = trajectory.latents[:, step].to(self.device)
+        eps = self.guided_epsilon(
+            x_t,
+            trajectory.timesteps[step].to(self.device),
+            trajectory.prompt_embeds.to(self.device),
+            trajectory.negative_embeds.to(self.device),
+            settings.guidance,
+            alpha_t,
+        )
+        x_prev = trajectory.latents[:, step + 1].to(self.device)
+        return ddim_step(eps, x_t, alpha_t, alpha_prev, settings.eta, prev_sample=x_prev)[1]
+
+    @torch.no_grad()
+    def log_probs(self, trajectory: Trajectory) -> torch.Tensor:
+        """Re-score every stored step under the current weights: (n, T)."""
+        return torch.stack([self.step_log_probs(trajectory, j) for j in range(len(trajectory.timesteps))], dim=1)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _sample_command(args) -> None:
+    policy = Policy.load(args.model)
+    if args.version:
+        policy.use_version(VersionStore(Path(args.workdir) / "versions"), args.version)
+    result = policy.sample(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory = result.trajectory
+    candidates = []
+    for i, (image, seed) in enumerate(zip(result.images, trajectory.seeds)):
+        name = f"candidate_{i}.png"
+        image.save(out / name)
+        candidates.append({"index": i, "file": name, "seed": seed, "log_probs": trajectory.log_probs[i].tolist()})
+    record = {
+        "prompt": args.prompt,
+        "model": str(policy.model_path),
+        "version": policy.version or "base",
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "eta": args.eta,
+        "group_seed": args.seed,
+        "timesteps": trajectory.timesteps.tolist(),
+        "candidates": candidates,
+    }
+    (out / "samples.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {len(candidates)} candidates and samples.json to {out}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m optim.policy", description="Sample from the generator.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sample = commands.add_parser("sample", help="draw candidates, write PNGs and samples.json")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("-n", type=int, default=4, help="number of candidates (default 4)")
+    sample.add_argument("--seed", type=int, default=0, help="group seed; candidate seeds derive from it")
+    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("--model", default=None, help="local diffusers folder (default: the embedded model)")
+    sample.add_argument("--version", default=None, help="LoRA version id from --workdir, e.g. v3")
+    sample.add_argument("--workdir", default="runs/demo", help="work directory holding versions/ (default runs/demo)")
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--guidance", type=float, default=5.0)
+    sample.add_argument("--eta", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    try:
+        _sample_command(args)
+    except (ModelLoadError, ValueError, KeyError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

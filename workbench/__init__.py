@@ -1,0 +1,1 @@
+"""The product people touch: the control room's page and, later, its rounds of ranking."""

@@ -88,6 +88,19 @@ def evaluation_prompts(per_modality: int) -> list[tuple[str, str, bool]]:
 
 
 @torch.no_grad()
+def classifier_accuracy(classifier: PhantomClassifier, n: int = 400) -> dict:
+    """How well the judge itself does on fresh phantoms: its verdicts on samples mean no more."""
+    phantoms = phantom_set(n, first_seed=2 * HELD_OUT_SEED)
+    modality_logits, finding_logit = classifier(torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None])
+    modality = torch.tensor([MODALITIES.index(p.modality) for p in phantoms])
+    finding = torch.tensor([p.finding is not None for p in phantoms])
+    return {
+        "classifier_modality_accuracy_on_phantoms": (modality_logits.argmax(1) == modality).float().mean().item(),
+        "classifier_finding_accuracy_on_phantoms": ((finding_logit > 0) == finding).float().mean().item(),
+    }
+
+
+@torch.no_grad()
 def evaluate(policy: Policy, classifier: PhantomClassifier, per_modality: int = 20, seed: int = 0):
     rows = evaluation_prompts(per_modality)
     images = [policy.sample(prompt, n=1, seed=seed + i).images[0] for i, (prompt, _, _) in enumerate(rows)]
@@ -101,6 +114,7 @@ def evaluate(policy: Policy, classifier: PhantomClassifier, per_modality: int = 
         "per_modality_accuracy": {m: float(np.mean([c for c, r in zip(correct, rows) if r[1] == m])) for m in MODALITIES},
         "finding_seen_when_prompted": float(np.mean([s for s, r in zip(seen, rows) if r[2]])),
         "finding_seen_when_not_prompted": float(np.mean([s for s, r in zip(seen, rows) if not r[2]])),
+        **classifier_accuracy(classifier),
     }
     return report, images, rows
 

@@ -145,7 +145,7 @@ class Policy:
             pipeline = StableDiffusionPipeline.from_pretrained(
                 path, safety_checker=None, requires_safety_checker=False, local_files_only=True, use_safetensors=True
             )
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not load the pipeline in {path}: {error}") from error
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipeline.to(target)

@@ -114,16 +114,33 @@ def phantom_tensor(phantoms) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of a model's weights: smoother samples from short training."""
+    """Exponential moving average of a model's weights: smoother samples from short training.
+
+    The average starts at the initial weights, so early on it is mostly those random weights. As
+    Adam does for its moments, ``averaged()`` removes that start exactly: after N updates
+    ``(shadow - decay**N * initial) / (1 - decay**N)`` is the average of the trained weights alone.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self.initial = [p.detach().clone() for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
         for averaged, current in zip(self.shadow.parameters(), model.parameters()):
             averaged.lerp_(current, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def averaged(self) -> torch.nn.Module:
+        """A copy of the model holding the bias-corrected average."""
+        start_weight = self.decay**self.updates
+        corrected = copy.deepcopy(self.shadow)
+        for parameter, initial in zip(corrected.parameters(), self.initial):
+            parameter.sub_(start_weight * initial).div_(1.0 - start_weight)
+        return corrected
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -204,7 +221,7 @@ def train_unet(components: dict, latents, prompts: list[str], cfg: PretrainConfi
             rate = (step + 1) / (time.time() - started)
             log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} ({rate:.2f} steps/s)")
         if (step + 1) % cfg.save_every == 0 or step == cfg.unet_steps - 1:
-            save(ema_unet.shadow, ema_text.shadow, step + 1)
+            save(ema_unet.averaged(), ema_text.averaged(), step + 1)
 
 
 def save_pipeline(components: dict, unet, text_encoder, out: str | Path) -> None:

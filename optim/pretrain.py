@@ -9,9 +9,9 @@ loads it exactly as it loads a real checkpoint. Training runs in two stages:
 2. the UNet and the text encoder learn, together, to denoise those latents given the prompt,
    with 10% of prompts dropped to "" so classifier-free guidance works.
 
-Reproduce the committed weights with (about 45 minutes on 2 CPU cores)::
+Reproduce the committed weights with (about 35 minutes on 2 CPU cores)::
 
-    python -m optim.pretrain --out data/pretrained/generator
+    python -m optim.pretrain --out data/pretrained/generator --stop-after 1500
 
 The output folder is rewritten every ``--save-every`` steps, so an interrupted run still leaves a
 loadable model behind.
@@ -53,6 +53,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1  # share of prompts replaced by "" for classifier-free guidance
     ema_decay: float = 0.999
     save_every: int = 500
+    stop_after: int = 0  # stop after this many UNet steps (0: all), keeping the schedule of unet_steps
 
 
 def build_components(tokenizer_dir: str | Path, resolution: int = 64) -> dict:
@@ -220,8 +221,11 @@ def train_unet(components: dict, latents, prompts: list[str], cfg: PretrainConfi
         if step % 50 == 0:
             rate = (step + 1) / (time.time() - started)
             log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f} ({rate:.2f} steps/s)")
-        if (step + 1) % cfg.save_every == 0 or step == cfg.unet_steps - 1:
+        last = step == cfg.unet_steps - 1 or step + 1 == cfg.stop_after
+        if (step + 1) % cfg.save_every == 0 or last:
             save(ema_unet.averaged(), ema_text.averaged(), step + 1)
+        if last:
+            break
 
 
 def save_pipeline(components: dict, unet, text_encoder, out: str | Path) -> None:

@@ -9,9 +9,9 @@ loads it exactly as it loads a real checkpoint. Training runs in two stages:
 2. the UNet and the text encoder learn, together, to denoise those latents given the prompt,
    with 10% of prompts dropped to "" so classifier-free guidance works.
 
-Reproduce the committed weights with (about 35 minutes on 2 CPU cores)::
+Reproduce the committed weights with (about 25 minutes on 2 CPU cores)::
 
-    python -m optim.pretrain --out data/pretrained/generator --stop-after 1500
+    python -m optim.pretrain --out data/pretrained/generator --stop-after 1000
 
 The output folder is rewritten every ``--save-every`` steps, so an interrupted run still leaves a
 loadable model behind.

@@ -60,11 +60,12 @@ def _read_dicom(path: Path) -> MedicalImage:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
+    dataset = None
     try:
         dataset = pydicom.dcmread(path)
         raw = dataset.pixel_array
     except Exception as error:  # pydicom raises many kinds; all mean "cannot decode this file"
-        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None) if "dataset" in locals() else None
+        syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         why = f"pixel data in {syntax.name} cannot be decoded: {error}" if syntax is not None else str(error)
         raise ImageReadError(f"{path}: {why}") from error
     frames = int(dataset.get("NumberOfFrames", 1) or 1)

@@ -253,6 +253,11 @@ def phantom_set(n: int, first_seed: int = 0, resolution: int = 64) -> list[Phant
     return [random_phantom(first_seed + i, resolution) for i in range(n)]
 
 
+def stack_images(phantoms: list[Phantom]) -> np.ndarray:
+    """The phantoms' images as one (N, 1, H, W) float32 array, the layout networks take."""
+    return np.stack([p.image for p in phantoms])[:, None]
+
+
 def all_prompts() -> list[str]:
     """Every prompt the phantoms can carry: the vocabulary of the default generator."""
     prompts = []

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.phantoms import FINDINGS, MODALITIES, make_phantom, phantom_set
+from data.phantoms import FINDINGS, MODALITIES, make_phantom, phantom_set, stack_images
 from optim.policy import Policy
 
 HELD_OUT_SEED = 1_000_000  # the generator trains on seeds below 12 000
@@ -55,7 +55,7 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_classifier(n_images: int = 6000, steps: int = 600, seed: int = 0) -> PhantomClassifier:
     phantoms = phantom_set(n_images, first_seed=HELD_OUT_SEED)
-    images = torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
+    images = torch.from_numpy(stack_images(phantoms))
     modality = torch.tensor([MODALITIES.index(p.modality) for p in phantoms])
     finding = torch.tensor([float(p.finding is not None) for p in phantoms])
     torch.manual_seed(seed)
@@ -91,7 +91,7 @@ def evaluation_prompts(per_modality: int) -> list[tuple[str, str, bool]]:
 def classifier_accuracy(classifier: PhantomClassifier, n: int = 400) -> dict:
     """How well the judge itself does on fresh phantoms: its verdicts on samples mean no more."""
     phantoms = phantom_set(n, first_seed=2 * HELD_OUT_SEED)
-    modality_logits, finding_logit = classifier(torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None])
+    modality_logits, finding_logit = classifier(torch.from_numpy(stack_images(phantoms)))
     modality = torch.tensor([MODALITIES.index(p.modality) for p in phantoms])
     finding = torch.tensor([p.finding is not None for p in phantoms])
     return {

@@ -27,13 +27,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from data.phantoms import all_prompts, phantom_set
+from data.phantoms import all_prompts, phantom_set, stack_images
 from optim.tokenizer import build_clip_tokenizer
 
 
@@ -110,7 +109,7 @@ def build_components(tokenizer_dir: str | Path, resolution: int = 64) -> dict:
 
 def phantom_tensor(phantoms) -> torch.Tensor:
     """Phantoms as a (N, 3, H, W) tensor in [-1, 1], the range Stable Diffusion's VAE expects."""
-    gray = torch.from_numpy(np.stack([p.image for p in phantoms]))[:, None]
+    gray = torch.from_numpy(stack_images(phantoms))
     return (gray * 2.0 - 1.0).expand(-1, 3, -1, -1).contiguous()
 
 

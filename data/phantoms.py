@@ -25,10 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODALITIES = ("CT", "MRI", "XRAY", "OCT")
-
-#: The words each prompt starts with, per modality; ``modality_of_prompt`` reads them back.
-PROMPT_PREFIX = {"CT": "CT:", "MRI": "MRI:", "XRAY": "chest X-ray:", "OCT": "OCT:"}
+from data.modalities import MODALITIES
 
 #: The finding kinds per modality; ``None`` (no finding) is always possible too.
 FINDINGS = {
@@ -270,14 +267,3 @@ def all_prompts() -> list[str]:
                         attrs = {"side": side, "size": size, "brightness": brightness}
                         prompts.append(_prompt(modality, finding, attrs))
     return sorted(set(prompts))
-
-
-def modality_of_prompt(prompt: str) -> str | None:
-    """The modality a prompt asks for, read from its prefix (``CT:``, ``OCT:`` ...), or None."""
-    text = prompt.strip().lower()
-    for modality, prefix in PROMPT_PREFIX.items():
-        if text.startswith(prefix.lower()):
-            return modality
-    if text.startswith(("x-ray:", "xray:", "cxr:")):
-        return "XRAY"
-    return None

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.phantoms import FINDINGS, MODALITIES, make_phantom, phantom_set, stack_images
+from data.modalities import MODALITIES
+from data.phantoms import FINDINGS, make_phantom, phantom_set, stack_images
 from optim.policy import Policy
 
 HELD_OUT_SEED = 1_000_000  # the generator trains on seeds below 12 000

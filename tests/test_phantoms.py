@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from data.phantoms import FINDINGS, MODALITIES, all_prompts, make_phantom, modality_of_prompt, random_phantom
+from data.modalities import MODALITIES, canonical_modality, modality_of_prompt
+from data.phantoms import FINDINGS, all_prompts, make_phantom, random_phantom
 
 
 def test_same_seed_same_image_and_different_seed_different_image():
@@ -39,6 +40,9 @@ def test_prompts_cover_every_modality_and_unknown_input_is_refused():
     assert {modality_of_prompt(p) for p in prompts} == set(MODALITIES)
     assert random_phantom(5).prompt in prompts
     assert modality_of_prompt("ultrasound: liver") is None
+    assert modality_of_prompt("  cxr: right lower lobe opacity") == "XRAY"
+    assert modality_of_prompt("CT axial slice") is None  # no prefix, no guess
+    assert [canonical_modality(n) for n in ("MR", "x-ray", "DX", "opt", "PET", None)] == ["MRI", "XRAY", "XRAY", "OCT", None, None]
     with pytest.raises(ValueError, match="unknown modality 'PET'"):
         make_phantom("PET", 0)
     with pytest.raises(ValueError, match="OCT has no finding 'lesion'"):

@@ -71,6 +71,27 @@ class Trajectory:
     prompt_embeds: torch.Tensor  # (1, L, D)
     negative_embeds: torch.Tensor  # (1, L, D), the empty prompt's
 
+    def select(self, indices: list[int]) -> "Trajectory":
+        """The chains of some candidates only, in the given order (the survivors of a group)."""
+        rows = torch.tensor(indices, dtype=torch.long)
+        return Trajectory(
+            self.prompt, [self.seeds[i] for i in indices], self.settings, self.timesteps,
+            self.latents[rows], self.log_probs[rows], self.prompt_embeds, self.negative_embeds,
+        )
+
+    @staticmethod
+    def join(parts: list["Trajectory"]) -> "Trajectory":
+        """One group from several draws of the same prompt and settings (rejection sampling draws in batches)."""
+        first = parts[0]
+        for part in parts[1:]:
+            if part.prompt != first.prompt or part.settings != first.settings or not torch.equal(part.timesteps, first.timesteps):
+                raise ValueError("trajectories of different prompts or sampling settings cannot form one group")
+        return Trajectory(
+            first.prompt, [s for part in parts for s in part.seeds], first.settings, first.timesteps,
+            torch.cat([part.latents for part in parts]), torch.cat([part.log_probs for part in parts]),
+            first.prompt_embeds, first.negative_embeds,
+        )
+
 
 @dataclass
 class Samples:

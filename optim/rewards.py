@@ -1,0 +1,167 @@
+"""Experts' rankings and ratings turned into what the trainers consume: rewards, pairs and weights.
+
+A ranking is a list of tiers, best first; a tier is a list of candidate ids (strings or integers)
+that the expert could not tell apart, e.g. ``[["c2"], ["c0", "c3"], ["c1"]]``. GRPO wants one
+reward per candidate, Diffusion-DPO wants (winner, loser) pairs; both come from the same ranking.
+
+Conventions, and why:
+
+- A ranking must cover exactly its group's candidates when they are given. A candidate left out
+  would silently drop out of the group's rewards and pairs; an expert who cannot place one ties it
+  with its neighbours instead, which says so.
+- Rewards are linear in position, best 1.0, worst 0.0; tied candidates share the mean of the
+  positions they occupy. A lone candidate, like a single tier of ties, gets 0.5: no information.
+- Tied candidates give no pair (as in ImageReward): a tie is not a preference, and training on it
+  as "first one wins" teaches noise.
+- Expert level (1-3) is a loss WEIGHT equal to the level, never a change of label. Losses divide
+  by the sum of weights, so only the ratio counts: a level-3 expert counts three level-1 experts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import Counter
+from typing import Iterable, Sequence
+
+CandidateId = str | int
+Tiers = list[list[CandidateId]]  # as validate_ranking returns them
+Ranking = Sequence[Sequence[CandidateId]]  # as given: lists or tuples
+
+#: The expert levels a ratings file or a ranking session may carry.
+LEVELS = (1, 2, 3)
+
+
+class RankingError(ValueError):
+    """A ranking that cannot be used as given; the message names the offending ids."""
+
+
+def validate_ranking(tiers: Ranking, candidates: Iterable[CandidateId] | None = None) -> Tiers:
+    """The ranking as a list of lists of ids, after checking it; raises ``RankingError`` with every fault.
+
+    Without ``candidates`` the ranking defines its group; with them it must rank each exactly once.
+    Integer ids (numpy's included) come back as plain ``int``.
+    """
+    if not isinstance(tiers, (list, tuple)):
+        raise RankingError(f"a ranking is a list of tiers, not {tiers!r}")
+    if not tiers:
+        raise RankingError("the ranking is empty")
+    normalised = []
+    for number, tier in enumerate(tiers, start=1):  # counted from 1, as the expert sees them
+        if not isinstance(tier, (list, tuple)):  # a bare "c1" would otherwise read as the ids "c", "1"
+            raise RankingError(f"tier {number} of the ranking is {tier!r}, not a list of candidate ids")
+        if not tier:
+            raise RankingError(f"tier {number} of the ranking is empty")
+        normalised.append([_candidate_id(c, number) for c in tier])
+
+    ranked = [c for tier in normalised for c in tier]
+    faults = [
+        f"candidate {c} appears {'twice' if n == 2 else f'{n} times'} in the ranking"
+        for c, n in Counter(ranked).items() if n > 1
+    ]
+    if candidates is not None:
+        group = [_candidate_id(c) for c in candidates]
+        unknown = [c for c in dict.fromkeys(ranked) if c not in group]
+        missing = [c for c in group if c not in ranked]
+        if unknown:
+            faults.append(f"ranking names unknown candidates: {_ids(unknown)} (this group has {_ids(group)})")
+        if missing:
+            hint = "rank every one; tie those you cannot tell apart"
+            faults.append(f"ranking leaves out candidates: {_ids(missing)} ({hint})")
+    if faults:
+        raise RankingError("; ".join(faults))
+    return normalised
+
+
+def position_rewards(tiers: Ranking) -> dict[CandidateId, float]:
+    """Each candidate's reward, best first: position p of 0..N-1 gives 1 - p / (N - 1); ties share their mean p.
+
+    ``[[a], [b, c], [d]]`` gives a 1.0, b and c 0.5 (mean of positions 1 and 2 of 0..3), d 0.0;
+    ``[[a, b], [c]]`` gives a and b 0.75 (mean position 0.5 of 0..2), c 0.0.
+    """
+    tiers = validate_ranking(tiers)
+    last = sum(len(tier) for tier in tiers) - 1
+    rewards, start = {}, 0
+    for tier in tiers:
+        mean_position = start + (len(tier) - 1) / 2
+        for candidate in tier:
+            rewards[candidate] = 1.0 - mean_position / last if last else 0.5  # a lone candidate: no information
+        start += len(tier)
+    return rewards
+
+
+def rating_reward(rating: float, low: float = 1, high: float = 3) -> float:
+    """A rating on the scale ``low..high`` as a reward in [0, 1]: (rating - low) / (high - low)."""
+    if not high > low:
+        raise ValueError(f"the rating scale {low:g}-{high:g} is empty: high must be above low")
+    if not isinstance(rating, numbers.Real) or not math.isfinite(rating):
+        raise ValueError(f"rating {rating!r} is not a finite number (the scale is {low:g}-{high:g})")
+    if not low <= rating <= high:
+        raise ValueError(f"rating {rating:g} is outside the scale {low:g}-{high:g}")
+    return (rating - low) / (high - low)
+
+
+def ranked_pairs(tiers: Ranking) -> list[tuple[CandidateId, CandidateId]]:
+    """Every (winner, loser) with the winner in a better tier; ties give none.
+
+    Ordered by the winner's place in the ranking, then the loser's: ``[[a], [b, c], [d]]`` gives
+    (a, b), (a, c), (a, d), (b, d), (c, d).
+    """
+    tiers = validate_ranking(tiers)
+    return [
+        (winner, loser)
+        for number, tier in enumerate(tiers)
+        for winner in tier
+        for worse in tiers[number + 1:]
+        for loser in worse
+    ]
+
+
+def level_weight(level: int) -> float:
+    """An expert level (1, 2 or 3) as its loss weight: the level itself (see the module's conventions)."""
+    if level not in LEVELS:  # 2.0 is 2; 2.5, NaN and "2" are none of them
+        raise ValueError(f"expert level {level!r} is not 1, 2 or 3")
+    return float(level)
+
+
+def combined_rewards(rankings: Sequence[tuple[Ranking, int]]) -> dict[CandidateId, float]:
+    """Several experts' (ranking, level) of one group as one reward per candidate.
+
+    Each reward is the level-weighted mean of the position rewards, over the rankings that cover
+    that candidate. Candidates come in the order they first appear; no rankings give no rewards.
+    """
+    weighted, weights = {}, {}
+    for tiers, level in rankings:
+        weight = level_weight(level)
+        for candidate, reward in position_rewards(tiers).items():
+            weighted[candidate] = weighted.get(candidate, 0.0) + weight * reward
+            weights[candidate] = weights.get(candidate, 0.0) + weight
+    return {candidate: weighted[candidate] / weights[candidate] for candidate in weighted}
+
+
+def weighted_pairs(rankings: Sequence[tuple[Ranking, int]]) -> list[tuple[CandidateId, CandidateId, float]]:
+    """Every expert's pairs as (winner, loser, weight), expert by expert, in ``ranked_pairs`` order.
+
+    A pair two experts both give appears twice, once with each weight: in a loss that divides by
+    the sum of weights that equals one pair with the summed weight, and each row stays one expert's
+    judgement. Contradictory pairs from two experts are both kept, so the loss weighs the disagreement.
+    """
+    pairs = []
+    for tiers, level in rankings:
+        weight = level_weight(level)  # checked even when the ranking, all ties, gives no pair
+        pairs += [(winner, loser, weight) for winner, loser in ranked_pairs(tiers)]
+    return pairs
+
+
+def _candidate_id(candidate, tier: int | None = None) -> CandidateId:
+    """A string or an integer id (numpy integers become ``int``); anything else is a ``RankingError``."""
+    if isinstance(candidate, str):
+        return candidate
+    if isinstance(candidate, numbers.Integral) and not isinstance(candidate, bool):
+        return int(candidate)
+    where = f"tier {tier} of the ranking" if tier else "the group's candidates"
+    raise RankingError(f"{where} holds {candidate!r}, which is not a candidate id (a string or an integer)")
+
+
+def _ids(candidates: Iterable[CandidateId]) -> str:
+    return ", ".join(str(c) for c in candidates)

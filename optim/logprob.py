@@ -69,3 +69,12 @@ def ddim_step(
     mean = math.sqrt(alpha_prev) * pred_x0 + direction
     x_prev = mean + std * noise if prev_sample is None else prev_sample
     return x_prev, gaussian_log_prob(x_prev, mean, std), mean, std
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: float) -> torch.Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample, averaged over elements like the log-prob.
+
+    Two policies' DDIM step kernels share the std (it depends only on the schedule), so the KL is
+    ``||mean_p - mean_q||^2 / (2 std^2)``: the KL term of GRPO and the trust-region check of updates.
+    """
+    return ((mean_p - mean_q) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)

@@ -301,14 +301,23 @@ class Policy:
         return Samples(self.decode(latents), trajectory)
 
     @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Clean latents (N, C, h, w) of images at the model's size: DPO on imported pairs needs them."""
+        size = self.unet.config.sample_size * self.pipeline.vae_scale_factor
+        pixels = self.pipeline.image_processor.preprocess([im.convert("RGB") for im in images], height=size, width=size)
+        return self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return self.pipeline.image_processor.postprocess(images, output_type="pil")
 
-    def step_log_probs(self, trajectory: Trajectory, step: int) -> torch.Tensor:
-        """Log-probs (n,) of the stored move at ``step`` under the current weights (with grad if enabled).
+    def score_step(self, trajectory: Trajectory, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(log_prob (n,), mean, std)`` of the stored move at ``step`` under the current weights.
 
-        The batch is laid out exactly as in sampling, so unchanged weights give identical numbers.
+        Gradients flow when called outside ``no_grad``. The batch is laid out exactly as in
+        sampling, so unchanged weights give identical numbers. The mean is what the KL between two
+        policies' step kernels needs (they share the std).
         """
         settings = trajectory.settings
         t = int(trajectory.timesteps[step])
@@ -323,12 +332,13 @@ class Policy:
             alpha_t,
         )
         x_prev = trajectory.latents[:, step + 1].to(self.device)
-        return ddim_step(eps, x_t, alpha_t, alpha_prev, settings.eta, prev_sample=x_prev)[1]
+        _, log_prob, mean, std = ddim_step(eps, x_t, alpha_t, alpha_prev, settings.eta, prev_sample=x_prev)
+        return log_prob, mean, std
 
     @torch.no_grad()
     def log_probs(self, trajectory: Trajectory) -> torch.Tensor:
         """Re-score every stored step under the current weights: (n, T)."""
-        return torch.stack([self.step_log_probs(trajectory, j) for j in range(len(trajectory.timesteps))], dim=1)
+        return torch.stack([self.score_step(trajectory, j)[0] for j in range(len(trajectory.timesteps))], dim=1)
 
 
 # ---------------------------------------------------------------------- command line

@@ -5,6 +5,10 @@ Here a candidate reaches the expert only on the selector's verdict, which sees t
 prompt and nothing else; nothing is ever added to make up the number. At the budget the sampler
 returns the survivors it has (possibly none) and says so plainly.
 
+When the survivors come from several batches, their chains are joined and re-scored once as one
+batch, so that GRPO's ratio, which re-scores the group in that layout, is exactly 1 before any
+update (matrix products give last-bit differences across batch layouts).
+
 Candidate seeds come from one stream per group seed (``optim.policy.candidate_seeds``), taken in
 order batch after batch, so the first batch is exactly ``policy.sample(prompt, n=batch, seed=seed)``
 and a group is reproducible from its seed.
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from optim.policy import Policy, Trajectory, candidate_seeds
-from workbench.selector import Selector, Verdict
+from optim.selector import Selector, Verdict
 
 
 @dataclass
@@ -107,4 +111,8 @@ class RejectionSampler:
                 chains.append(samples.trajectory.select(keep_rows))
             drawn += len(batch_seeds)
         trajectory = Trajectory.join(chains) if chains else None
+        if len(chains) > 1:
+            # Re-scored as one batch: numerically a different layout from the draws, and the ratio
+            # before any update must be exactly 1 when GRPO re-scores the group in this layout.
+            trajectory.log_probs = self.policy.log_probs(trajectory)
         return SamplerResult(prompt, wanted, drawn, passed, kept, rejected, trajectory)

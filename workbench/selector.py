@@ -1,24 +1,10 @@
-"""The selector: judges every candidate before an expert sees it, and says why it rejects one.
-
-An expert's time is the scarcest thing in the loop, so no blank, broken or wrong-modality image
-should reach the ranking page. For each image and its prompt the selector returns a ``Verdict``:
-
-1. Gates, plain rules with no learning: non-finite pixels, a blank (near-constant) image, too
-   little dynamic range, too much clipping to black or white, a wrong size or shape.
-2. A small network with two heads, trained on the experts' ratings CSV
-   (``python -m workbench.selector train``, see ``workbench/selector_training.py``):
-   a quality score in [0, 1] and the probability of each modality.
-3. The modality check: the prompt's modality, read from its prefix (``CT:``, ``OCT:`` ...) or
-   given explicitly, must have probability at least ``min_modality_probability``.
-
-Reasons are written for the expert, e.g. ``quality 0.21 below 0.50`` or
-``looks like chest X-ray (0.93); prompt asks for CT``. The selector sees only the image and the
-prompt: never a ranking or anything else the expert is there to judge.
-
-Command line::
+"""The selector's command line: train it on a ratings CSV, or judge image files.
 
     python -m workbench.selector train --ratings data/demo/medical_ratings.csv --out DIR
     python -m workbench.selector score [--model DIR] [--prompt "CT: ..."] IMAGE...
+
+The model itself (gates, network, verdicts) is ``optim/selector.py``; training is
+``optim/selector_training.py``.
 """
 
 from __future__ import annotations
@@ -26,189 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import nn
-
-from data.images import ImageReadError, MedicalImage, read_image, to_display
-from data.modalities import MODALITIES, MODALITY_NAMES, canonical_modality, modality_of_prompt
-
-DEFAULT_SELECTOR = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "selector"
-WEIGHTS_FILE = "selector.safetensors"
-CONFIG_FILE = "selector.json"
-
-
-@dataclass
-class SelectorConfig:
-    """Thresholds of the verdict; stored with the weights and changeable per call site."""
-
-    quality_threshold: float = 0.5
-    min_modality_probability: float = 0.5
-    min_std: float = 0.02  # below: a blank image
-    min_dynamic_range: float = 0.15  # 99th minus 1st percentile, on the [0, 1] scale
-    max_clipped_fraction: float = 0.5  # share of pixels at pure black or pure white
-    min_side: int = 32
-    max_aspect: float = 2.0
-    input_size: int = 64  # the network sees every image resized to this square
-
-
-@dataclass
-class Verdict:
-    passed: bool
-    quality: float | None  # None when the pixels are not finite and could not be scored
-    modality_probabilities: dict[str, float]
-    asked_modality: str | None  # the modality the prompt asks for, if it names one
-    reasons: list[str] = field(default_factory=list)  # empty exactly when passed
-
-    def summary(self) -> str:
-        """One line for a table or a log."""
-        if self.passed:
-            best = max(self.modality_probabilities, key=self.modality_probabilities.get)
-            return f"passed: quality {self.quality:.2f}, {MODALITY_NAMES[best]} {self.modality_probabilities[best]:.2f}"
-        return "rejected: " + "; ".join(self.reasons)
-
-
-class SelectorNet(nn.Module):
-    """Four strided convolutions, global pooling, and two heads: quality logit and modality logits."""
-
-    def __init__(self, channels: int = 32, modalities: int = len(MODALITIES)):
-        super().__init__()
-        layers, width = [], 1
-        for out in (channels // 2, channels, channels * 2, channels * 2):
-            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU()]
-            width = out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.quality = nn.Linear(width, 1)
-        self.modality = nn.Linear(width, modalities)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(images * 2.0 - 1.0)
-        return self.quality(features).squeeze(1), self.modality(features)
-
-
-def as_unit_array(image) -> np.ndarray:
-    """A PIL image, a MedicalImage or an array as float32 (H, W) on the [0, 1] display scale."""
-    if isinstance(image, MedicalImage):
-        return to_display(image)
-    if isinstance(image, Image.Image):
-        scale = 65535.0 if image.mode.startswith("I;16") else 255.0
-        if image.mode not in ("L", "I;16", "I;16B", "I;16L"):
-            image = image.convert("L")
-        return np.asarray(image, dtype=np.float32) / scale
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535.0
-    return array.astype(np.float32)
-
-
-def gate_reasons(pixels: np.ndarray, config: SelectorConfig) -> list[str]:
-    """The rule-based checks; each failure is one reason in plain words."""
-    if pixels.ndim != 2:
-        return [f"not a single grey image (array of shape {pixels.shape})"]
-    height, width = pixels.shape
-    reasons = []
-    if min(height, width) < config.min_side or max(height, width) / min(height, width) > config.max_aspect:
-        reasons.append(f"wrong size {width}x{height} (at least {config.min_side} pixels a side, aspect at most {config.max_aspect:g})")
-    if not np.isfinite(pixels).all():
-        return reasons + [f"image has {int((~np.isfinite(pixels)).sum())} NaN or infinite pixels"]
-    if pixels.std() < config.min_std:
-        return reasons + ["blank image"]
-    low, high = np.percentile(pixels, [1, 99])
-    if high - low < config.min_dynamic_range:
-        reasons.append(f"too little contrast: dynamic range {high - low:.2f} below {config.min_dynamic_range:.2f}")
-    clipped = float(((pixels <= 0.002) | (pixels >= 0.998)).mean())
-    if clipped > config.max_clipped_fraction:
-        reasons.append(f"{clipped:.0%} of pixels clipped to black or white (at most {config.max_clipped_fraction:.0%})")
-    return reasons
-
-
-def network_input(arrays: list[np.ndarray], size: int) -> torch.Tensor:
-    """Resize each [0, 1] image to (size, size), area-averaged when shrinking: (N, 1, size, size)."""
-    batch = []
-    for array in arrays:
-        tensor = torch.from_numpy(np.nan_to_num(np.clip(array, 0.0, 1.0)))[None, None]
-        if tensor.shape[-2:] != (size, size):
-            tensor = nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch.append(tensor[0])
-    return torch.stack(batch)
-
-
-class Selector:
-    def __init__(self, net: SelectorNet, config: SelectorConfig | None = None, report: dict | None = None):
-        self.net = net.eval()
-        self.config = config or SelectorConfig()
-        self.report = report or {}  # the validation report written at training time
-
-    @classmethod
-    def load(cls, folder: str | Path | None = None, config: SelectorConfig | None = None) -> "Selector":
-        """Load weights (safetensors only) and settings; ``None`` is the embedded default selector."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder) if folder is not None else DEFAULT_SELECTOR
-        weights, settings = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-        if not weights.is_file() or not settings.is_file():
-            raise FileNotFoundError(f"{folder} is not a selector folder: expected {WEIGHTS_FILE} and {CONFIG_FILE}")
-        meta = json.loads(settings.read_text())
-        if meta.get("modalities") != list(MODALITIES):
-            raise ValueError(f"{folder}: selector trained for modalities {meta.get('modalities')}, this workbench uses {list(MODALITIES)}")
-        net = SelectorNet(meta["channels"])
-        net.load_state_dict(load_file(weights))
-        return cls(net, config or SelectorConfig(**meta["config"]), meta.get("report"))
-
-    def save(self, folder: str | Path, channels: int) -> Path:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, folder / WEIGHTS_FILE)
-        meta = {"modalities": list(MODALITIES), "channels": channels, "config": asdict(self.config), "report": self.report}
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        return folder
-
-    @torch.no_grad()
-    def scores(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Quality (N,) and modality probabilities (N, M) for [0, 1] images, in one network call."""
-        quality_logits, modality_logits = self.net(network_input(arrays, self.config.input_size))
-        return torch.sigmoid(quality_logits).numpy(), torch.softmax(modality_logits, dim=1).numpy()
-
-    def judge(self, images: list, prompt: str | None = None, modality: str | None = None) -> list[Verdict]:
-        """Verdicts for a group of images drawn for one prompt (or one explicitly named modality)."""
-        asked = self._asked_modality(prompt, modality)
-        arrays = [as_unit_array(image) for image in images]
-        gates = [gate_reasons(array, self.config) for array in arrays]
-        scorable = [i for i, array in enumerate(arrays) if array.ndim == 2 and np.isfinite(array).all()]
-        quality, probabilities = self.scores([arrays[i] for i in scorable]) if scorable else ([], [])
-        verdicts = []
-        for i, reasons in enumerate(gates):
-            if i not in scorable:
-                verdicts.append(Verdict(False, None, {}, asked, reasons))
-                continue
-            row = scorable.index(i)
-            q, p = float(quality[row]), {m: float(v) for m, v in zip(MODALITIES, probabilities[row])}
-            if q < self.config.quality_threshold:
-                reasons.append(f"quality {q:.2f} below {self.config.quality_threshold:.2f}")
-            if asked is not None and p[asked] < self.config.min_modality_probability:
-                seen = max(p, key=p.get)
-                reasons.append(f"looks like {MODALITY_NAMES[seen]} ({p[seen]:.2f}); prompt asks for {MODALITY_NAMES[asked]}")
-            verdicts.append(Verdict(not reasons, q, p, asked, reasons))
-        return verdicts
-
-    @staticmethod
-    def _asked_modality(prompt: str | None, modality: str | None) -> str | None:
-        if modality is not None:
-            asked = canonical_modality(modality)
-            if asked is None:
-                raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-            return asked
-        return modality_of_prompt(prompt) if prompt else None
+from data.images import ImageReadError, read_image
+from data.modalities import MODALITY_NAMES
+from optim.selector import Selector
+from optim.selector_training import TrainingConfig, train_selector
 
 
 # ---------------------------------------------------------------------- command line
@@ -231,8 +39,6 @@ def _score_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    from workbench.selector_training import TrainingConfig, train_selector
-
     parser = argparse.ArgumentParser(prog="python -m workbench.selector", description="Train or run the selector.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train on a ratings CSV and write weights and a validation report")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data.images import read_image, to_display
 from data.modalities import MODALITIES, modality_of_prompt
 from data.ratings import RatingsConfig, read_ratings
-from workbench.selector import Selector, SelectorConfig, SelectorNet, gate_reasons, network_input
+from optim.selector import Selector, SelectorConfig, SelectorNet, gate_reasons, network_input
 
 
 @dataclass

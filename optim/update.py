@@ -68,7 +68,7 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
             check_finite(terms.loss, "GRPO loss")
             if torch.is_grad_enabled():
                 (terms.loss / terms_count).backward()
-            loss += float(terms.loss) / terms_count
+            loss += terms.loss.item() / terms_count
             approx_kl += float(terms.approx_kl) / terms_count
             kl += float(terms.kl.mean()) / terms_count
             clipped += float(terms.clipped.float().mean()) / terms_count
@@ -99,7 +99,7 @@ def dpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig
     check_finite(terms.loss, "DPO loss")
     if torch.is_grad_enabled():
         terms.loss.backward()
-    return {"loss": float(terms.loss), "implicit_accuracy": terms.accuracy, "margin_mean": float(terms.margin.mean()),
+    return {"loss": terms.loss.item(), "implicit_accuracy": terms.accuracy, "margin_mean": float(terms.margin.mean()),
             "pairs": int(terms.margin.numel())}
 
 

@@ -1,0 +1,154 @@
+"""GRPO and Diffusion-DPO on the embedded generator: hand-worked numbers, one-step effects, update guards."""
+
+import math
+
+import pytest
+import torch
+
+import optim.update
+from optim.dpo import DPOConfig
+from optim.groups import RankedGroup
+from optim.grpo import GRPOConfig, group_advantages
+from optim.losses import group_losses
+from optim.rewards import RankingError
+from optim.update import UpdateConfig, apply_update, dpo_backward, grpo_backward
+from optim.versions import VersionStore
+from tests.conftest import FAST, PROMPT
+
+IDS = ["c0", "c1", "c2", "c3"]
+
+
+@pytest.fixture()
+def fresh(policy):
+    """The shared policy with its adapters back at zero after each test."""
+    start = policy.lora_state_dict()
+    yield policy
+    policy.load_lora_state_dict(start)
+    policy.version = None
+
+
+@pytest.fixture(scope="module")
+def drawn(policy):
+    return policy.sample(PROMPT, n=4, seed=3, **FAST).trajectory
+
+
+def ranked(trajectory, tiers=(["c2"], ["c0", "c3"], ["c1"]), level=3):
+    return RankedGroup("g1", IDS, trajectory, [([list(t) for t in tiers], level)])
+
+
+def test_advantages_for_best_middle_worst_under_each_std_convention():
+    rewards = [torch.tensor([1.0, 0.5, 0.0])]
+    group = group_advantages(rewards, GRPOConfig(scale_rewards="group", eps=0.0))[0]
+    assert group.tolist() == pytest.approx([1.0, 0.0, -1.0])  # sample std 0.5
+    assert group_advantages(rewards, GRPOConfig(scale_rewards="none"))[0].tolist() == pytest.approx([0.5, 0.0, -0.5])
+    two = [torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 0.0])]
+    batch = group_advantages(two, GRPOConfig(scale_rewards="batch", eps=0.0))
+    batch_std = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.0]).std().item()  # 0.4472
+    assert batch[0].tolist() == pytest.approx([0.5 / batch_std, 0.0, -0.5 / batch_std])
+    assert batch[1].tolist() == pytest.approx([0.5 / batch_std, -0.5 / batch_std])
+    assert group_advantages([torch.tensor([0.5, 0.5])])[0].tolist() == [0.0, 0.0]  # all tied: no signal
+    clipped = group_advantages([torch.tensor([1.0] + [0.0] * 99)], GRPOConfig(advantage_clip=5.0))[0]
+    assert clipped.max().item() == 5.0
+    with pytest.raises(ValueError, match="scale_rewards must be one of group, batch, none"):
+        group_advantages(rewards, GRPOConfig(scale_rewards="mean"))
+
+
+def test_group_rewards_and_pairs_follow_the_ranking_and_refuse_unknown_candidates(drawn):
+    group = ranked(drawn)
+    assert group.rewards().tolist() == pytest.approx([0.5, 0.0, 1.0, 0.5])
+    assert group.pairs() == [(2, 0, 3.0), (2, 3, 3.0), (2, 1, 3.0), (0, 1, 3.0), (3, 1, 3.0)]
+    with pytest.raises(RankingError, match="unknown candidates: c9"):
+        ranked(drawn, tiers=(["c9"], ["c0", "c1", "c2", "c3"]))
+
+
+def test_before_any_update_ratio_is_exactly_one_and_dpo_loss_is_ln2(fresh, drawn):
+    numbers = group_losses(fresh, ranked(drawn))
+    assert [c["ratio"] for c in numbers["grpo"]["candidates"]] == [1.0, 1.0, 1.0, 1.0]
+    assert [c["kl"] for c in numbers["grpo"]["candidates"]] == [0.0, 0.0, 0.0, 0.0]  # LoRA B = 0: the reference
+    assert [c["advantage"] for c in numbers["grpo"]["candidates"]] == pytest.approx([0.0, -1.2247, 1.2247, 0.0], abs=1e-3)
+    dpo = numbers["dpo"]
+    assert dpo["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert all(p["margin"] == 0.0 and p["loss"] == pytest.approx(math.log(2)) for p in dpo["pairs"])
+    assert dpo["accuracy"] == 0.5 and [p["winner"] for p in dpo["pairs"]] == ["c2", "c2", "c2", "c0", "c3"]
+
+
+def test_dpo_hinge_and_ipo_at_the_reference_are_hand_worked(fresh, drawn):
+    for loss_type, expected in (("hinge", 1.0), ("ipo", (1 / (2 * 5000.0)) ** 2)):
+        config = UpdateConfig(dpo=DPOConfig(loss_type=loss_type))
+        assert group_losses(fresh, ranked(drawn), config)["dpo"]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_one_dpo_step_raises_the_winners_implicit_reward_over_the_losers(fresh, drawn, tmp_path):
+    group = ranked(drawn, tiers=(["c2"], ["c1"], ["c0"], ["c3"]))
+    config = UpdateConfig(algorithm="dpo", learning_rate=1e-3, optimizer_steps=1, kl_budget=float("inf"))
+    result = apply_update(fresh, VersionStore(tmp_path / "versions"), [group], config)
+    assert result.applied, result.message
+    after = group_losses(fresh, group, config)["dpo"]
+    assert after["loss"] < math.log(2)
+    assert sum(p["margin"] for p in after["pairs"]) > 0 and after["accuracy"] > 0.5
+
+
+def test_one_grpo_step_raises_the_log_prob_of_the_positive_advantage_chain(fresh, drawn, tmp_path):
+    group = ranked(drawn, tiers=(["c2"], ["c0", "c1", "c3"]))
+    before = fresh.log_probs(drawn).mean(dim=1)
+    config = UpdateConfig(algorithm="grpo", learning_rate=1e-3, optimizer_steps=1, kl_budget=float("inf"))
+    assert apply_update(fresh, VersionStore(tmp_path / "versions"), [group], config).applied
+    change = fresh.log_probs(drawn).mean(dim=1) - before
+    assert change[2] > 0 and change[2] > change[[0, 1, 3]].max()
+
+
+def test_a_nan_loss_leaves_the_weights_untouched_and_nothing_is_saved(fresh, drawn, monkeypatch, tmp_path):
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    weights = fresh.lora_state_dict()
+    real_step = optim.update.grpo_step
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the second optimizer step's loss turns NaN
+        terms = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > FAST["steps"]:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(optim.update, "grpo_step", poisoned)
+    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3))
+    assert not result.applied and result.version is None
+    assert result.message.startswith("update refused: the GRPO loss is not finite (nan): no step was taken")
+    assert result.message.endswith("v0 stays current")
+    assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())
+    assert [v.id for v in store.list()] == ["v0"] and store.current == "v0"
+
+
+def test_an_update_over_the_kl_budget_is_refused_and_the_previous_version_stays(fresh, drawn, tmp_path):
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    weights = fresh.lora_state_dict()
+    config = UpdateConfig(learning_rate=1e-2, optimizer_steps=2, kl_budget=1e-9)
+    result = apply_update(fresh, store, [ranked(drawn)], config)
+    assert not result.applied and "over the budget 1e-09" in result.message
+    assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())
+    assert store.current == "v0"
+
+
+def test_an_applied_update_is_a_new_current_version_with_its_metrics(fresh, drawn, tmp_path):
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=2))
+    assert result.applied and result.version.id == "v1" and result.version.parent == "v0" and store.current == "v1"
+    metrics = store.get("v1").metrics
+    assert metrics["algorithm"] == "grpo" and metrics["groups"] == ["g1"] and len(metrics["steps"]) == 2
+    assert metrics["steps"][0]["ratio_mean"] == 1.0 and metrics["kl_from_previous"] > 0
+    assert result.message.startswith("v1 made from v0 by GRPO on 1 group(s): loss ")
+    with pytest.raises(ValueError, match="groups without a ranking: g2"):
+        apply_update(fresh, store, [RankedGroup("g2", IDS, drawn)], UpdateConfig())
+
+
+def test_metrics_without_gradients_match_the_training_pass(fresh, drawn):
+    group = ranked(drawn)
+    with torch.no_grad():
+        grpo = grpo_backward(fresh, [group], UpdateConfig())
+        dpo = dpo_backward(fresh, [group], UpdateConfig(), torch.Generator().manual_seed(0))
+    assert grpo["ratio_min"] == grpo["ratio_max"] == 1.0 and grpo["clip_fraction"] == 0.0
+    assert dpo["pairs"] == 5 and dpo["loss"] == pytest.approx(math.log(2))
+

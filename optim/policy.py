@@ -150,14 +150,15 @@ class Policy:
     @classmethod
     def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4) -> "Policy":
         """Load the embedded default (``model=None``) or a local diffusers folder; cuda when present."""
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()  # before diffusers imports its image processors
         transformers_logging.disable_progress_bar()
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
         path = Path(model) if model is not None else DEFAULT_MODEL
         if model is None and not path.exists():
             raise ModelLoadError(f"the embedded default model is missing at {path}; rebuild it with python -m optim.pretrain")

@@ -1,0 +1,363 @@
+"""Offline training at scale: Diffusion-DPO on a Pick-a-Pic-format dataset, or GRPO with AI feedback.
+
+The same command runs on one device or on many; ``accelerate config`` or launch flags pick how::
+
+    accelerate launch -m optim.train --data pairs.parquet --algorithm dpo --epochs 2 --batch-size 4
+    accelerate launch -m optim.train --data pairs.parquet --two-stage
+    accelerate launch -m optim.train --algorithm grpo --prompts prompts.txt --group-size 4 --steps 20
+
+On CPUs, ``accelerate launch --cpu --num_processes N`` starts ONE process unless MPI is set up, so use
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`` (torchrun, gloo). The run prints
+how many processes it has.
+
+Data (DPO) is Pick-a-Pic's format, ours or anyone's: columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded
+image bytes, or the ``{bytes, path}`` structs that Hugging Face ``datasets.Image`` columns become in
+parquet) and ``label_0``, ``label_1`` (1/0, or 0.5/0.5 for a tie). Ties are DROPPED, as the paper's code
+does (the diffusers example silently lets image 0 win them): a tie says neither image is better, so it
+gives no pair. How many were dropped is printed. Images stay encoded, memory-mapped, until a batch needs them.
+
+Two stages (``--two-stage``): stage 1 trains on every pair; stage 2 only on pairs whose BOTH images the
+selector passes against the caption, so the last epochs learn from images an expert would accept.
+
+GRPO with AI feedback (``--algorithm grpo``): each prompt's group is sampled from the current policy, the
+selector scores it (quality if passed, 0 if rejected), and one optimizer step covers every stored step of
+the batch's groups (fresh samples: the ratio is 1, the clip idle; the KL term holds the policy near the reference).
+
+Checkpoints: after each epoch the main process writes ``<out>/<timestamp>/epoch_<n>/adapter.safetensors``
+(the LoRA weights, for ``Policy.load_lora_state_dict``) and ``meta.json`` (config, epoch, stage, metrics,
+base model, and every process's digest of its weights, which must agree). Never pickles. Metrics go to
+accelerate's trackers: tensorboard under the run folder by default, wandb when asked (offline unless
+WANDB_MODE says otherwise), or none. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from PIL import Image
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
+from optim.grpo import GRPOConfig, group_advantages, grpo_step
+from optim.policy import ModelLoadError, Policy
+from optim.selector import Selector
+
+ALGORITHMS = ("dpo", "grpo")
+TRACKERS = ("tensorboard", "wandb", "none")
+COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "dpo"
+    data: str | None = None  # Pick-a-Pic parquet file (dpo)
+    prompts: str | None = None  # text file, one prompt a line (grpo)
+    model: str | None = None  # diffusers folder; None: the embedded model
+    out: str = "checkpoints"
+    epochs: int = 1  # per stage
+    batch_size: int = 4  # pairs (dpo) or prompts (grpo) per process and step
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    lora_rank: int = 4
+    two_stage: bool = False
+    selector: str | None = None  # selector folder; None: the embedded selector
+    group_size: int = 4  # grpo: candidates per prompt
+    steps: int = 20  # grpo: sampling steps
+    guidance: float = 5.0  # grpo: classifier-free guidance while sampling
+    report_to: str = "tensorboard"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+    def check(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.algorithm == "dpo" and not self.data:
+            raise ValueError("--algorithm dpo needs --data FILE.parquet (Pick-a-Pic format)")
+        if self.algorithm == "grpo" and not self.prompts:
+            raise ValueError("--algorithm grpo needs --prompts FILE.txt (one prompt a line)")
+        if self.two_stage and self.algorithm != "dpo":
+            raise ValueError("--two-stage filters preference pairs: it needs --algorithm dpo")
+        if self.epochs < 1 or self.batch_size < 1 or self.group_size < 2:
+            raise ValueError("epochs and batch size must be at least 1, and a group at least 2 candidates")
+
+
+# ---------------------------------------------------------------------- data
+
+
+def decode_image(cell) -> Image.Image:
+    """One image cell: encoded bytes, or a ``datasets.Image`` struct ``{bytes, path}`` (bytes first)."""
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") or Path(cell["path"]).read_bytes()
+    return Image.open(io.BytesIO(cell))
+
+
+class PickAPicPairs(Dataset):
+    """``(winner image, loser image, caption)`` for every decided row of a Pick-a-Pic parquet file."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
+        if missing:
+            raise ValueError(f"{path} is not in Pick-a-Pic format: no column {', '.join(missing)} (needs {', '.join(COLUMNS)})")
+        self.table = pq.read_table(path, columns=list(COLUMNS), memory_map=True)
+        labels = zip(self.table["label_0"].to_pylist(), self.table["label_1"].to_pylist())
+        self.rows = [(row, 0 if l0 > l1 else 1) for row, (l0, l1) in enumerate(labels) if l0 != l1]  # (row, winner)
+        self.ties = self.table.num_rows - len(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str]:
+        row, winner = self.rows[index]
+        winner_image, loser_image = (decode_image(self.table[f"jpg_{side}"][row].as_py()) for side in (winner, 1 - winner))
+        return winner_image, loser_image, self.table["caption"][row].as_py()
+
+
+def collate_pairs(batch: list[tuple]) -> tuple[list, list, list]:
+    """Winners, losers and captions as lists: the policy encodes PIL images itself."""
+    return tuple(list(column) for column in zip(*batch))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts: write one prompt a line")
+    return prompts
+
+
+def selector_rewards(selector: Selector, images: list[Image.Image], prompt: str) -> torch.Tensor:
+    """The selector's quality for the images it passes, 0 for those it rejects: a blank image still has a
+    quality score, and a broken one none, and neither may earn a reward."""
+    return torch.tensor([v.quality if v.passed else 0.0 for v in selector.judge(images, prompt=prompt)])
+
+
+def selector_passed(accelerator: Accelerator, selector: Selector, pairs: PickAPicPairs) -> list[int]:
+    """Indices of the pairs whose both images the selector passes against the caption, judged in shards."""
+    with accelerator.split_between_processes(list(range(len(pairs)))) as mine:
+        kept = []
+        for i in mine:
+            winner, loser, caption = pairs[i]
+            if all(verdict.passed for verdict in selector.judge([winner, loser], prompt=caption)):
+                kept.append(i)
+    return sorted(gather_object(kept))
+
+
+def lora_digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of adapter weights: every process of a data-parallel run must report the same one."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(weights[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- training
+
+
+class PolicyLoss(torch.nn.Module):
+    """A loss of the policy (``dpo_terms``, ``grpo_step``) run as a module whose parameters are the UNet's.
+
+    Why: DDP syncs gradients only for a backward whose forward went through the DDP wrapper, and both
+    losses make two UNet passes per forward, the policy's and the reference's (the SAME UNet with its
+    adapters disabled by ``policy.reference()``). Wrapping the UNet alone would send one pass through DDP
+    and the other around it; wrapping the whole loss keeps ``dpo_terms`` and ``grpo_step`` untouched and
+    gives DDP one forward per backward. Frozen weights have ``requires_grad`` False, so DDP syncs only the
+    adapters. ``policy`` is a plain attribute, so the VAE and text encoder are not registered here.
+    """
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.unet = policy.unet
+        self.policy = policy
+
+    def forward(self, loss, *args):
+        return loss(self.policy, *args)
+
+
+class Trainer:
+    """One run: the accelerator, the wrapped loss, the optimizer, the run folder and the counters."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        # Only the main process writes, so only its timestamp names the folder.
+        self.run_dir = Path(config.out) / time.strftime("%Y%m%d-%H%M%S")
+        tracker = None if config.report_to == "none" else config.report_to
+        self.accelerator = Accelerator(log_with=tracker, project_dir=self.run_dir)
+        set_seed(config.seed)
+        self.policy = Policy.load(config.model, device=str(self.accelerator.device), lora_rank=config.lora_rank)
+        self.parameters = self.policy.lora_parameters()
+        optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(PolicyLoss(self.policy), optimizer)
+        # DPO's timesteps and noise, GRPO's group seeds: one stream per process, so shards draw apart.
+        self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
+        self.selector = Selector.load(config.selector) if config.two_stage or config.algorithm == "grpo" else None
+        self.epoch = self.global_step = 0
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True)
+        self.accelerator.init_trackers("optim-train", config=tracker_config(config))
+
+    def fit(self, dataset: Dataset, collate, backward, stage: int) -> None:
+        """``config.epochs`` epochs over ``dataset``, sharded across processes, a checkpoint after each."""
+        loader = DataLoader(dataset, batch_size=self.config.batch_size, shuffle=True, collate_fn=collate)
+        loader = self.accelerator.prepare(loader)  # each process gets its own shard of every epoch
+        for _ in range(self.config.epochs):
+            self.epoch += 1
+            history = [self.optimizer_step(backward, batch) for batch in loader]
+            self.save(stage, len(dataset), history)
+
+    def optimizer_step(self, backward, batch) -> dict:
+        """Gradients of one batch, clipped, then one AdamW step; the metrics averaged over processes."""
+        metrics = backward(batch)
+        grad_norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        # The gradients are already synced, so every process sees the same norm and skips together.
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        values = torch.tensor([*metrics.values(), float(grad_norm)], device=self.accelerator.device)
+        metrics = dict(zip([*metrics, "grad_norm"], self.accelerator.reduce(values, "mean").tolist()))
+        metrics["skipped_non_finite"] = float(not finite)
+        self.global_step += 1
+        self.accelerator.log(metrics, step=self.global_step)
+        return metrics
+
+    def dpo_backward(self, batch) -> dict:
+        winners, losers, captions = batch
+        prompt_embeds = torch.cat([self.policy.encode_prompt(caption)[0] for caption in captions])
+        terms = self.model(dpo_terms, self.policy.encode_images(winners), self.policy.encode_images(losers),
+                           prompt_embeds, torch.ones(len(captions)), self.config.dpo, self.generator)
+        self.accelerator.backward(terms.loss)
+        return {"loss": terms.loss.item(), "implicit_accuracy": terms.accuracy, "margin": terms.margin.mean().item()}
+
+    def grpo_backward(self, prompts: list[str]) -> dict:
+        """Sample and score a group per prompt, then accumulate grpo_step's gradients over every stored
+        step; DDP all-reduces once, on the last backward."""
+        c = self.config
+        samples = [self.policy.sample(p, n=c.group_size, seed=int(torch.randint(2**31 - 1, (), generator=self.generator)),
+                                      steps=c.steps, guidance=c.guidance) for p in prompts]
+        rewards = [selector_rewards(self.selector, s.images, p) for s, p in zip(samples, prompts)]
+        calls = [(s.trajectory, step, advantage) for s, advantage in zip(samples, group_advantages(rewards, c.grpo))
+                 for step in range(len(s.trajectory.timesteps))]
+        totals = dict.fromkeys(("loss", "kl_to_reference", "approx_kl", "clip_fraction"), 0.0)
+        for i, (trajectory, step, advantage) in enumerate(calls):
+            last = i == len(calls) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                terms = self.model(grpo_step, trajectory, step, advantage, c.grpo)
+                self.accelerator.backward(terms.loss / len(calls))
+            for key, value in zip(totals, (terms.loss, terms.kl.mean(), terms.approx_kl, terms.clipped.float().mean())):
+                totals[key] += value.item() / len(calls)
+        return {**totals, "reward": torch.cat(rewards).mean().item()}
+
+    def save(self, stage: int, examples: int, history: list[dict]) -> None:
+        """The main process writes the epoch's adapter weights and meta.json; every process gives its digest."""
+        digests = gather_object([lora_digest(self.policy.lora_state_dict())])
+        if not self.accelerator.is_main_process:
+            return
+        folder = self.run_dir / f"epoch_{self.epoch}"
+        folder.mkdir()
+        weights = {k: v.to("cpu", torch.float32).contiguous() for k, v in self.policy.lora_state_dict().items()}
+        save_file(weights, folder / "adapter.safetensors")
+        metrics = {key: sum(h[key] for h in history) / len(history) for key in history[0]}
+        meta = {"epoch": self.epoch, "stage": stage, "pairs" if self.config.algorithm == "dpo" else "prompts": examples,
+                "steps_per_process": len(history), "metrics": metrics, "base_model": str(self.policy.model_path),
+                "replica_digests": digests, "config": asdict(self.config)}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        agree = "all processes agree" if len(set(digests)) == 1 else "PROCESSES DISAGREE"
+        print(f"epoch {self.epoch} (stage {stage}): loss {metrics['loss']:.4g}; wrote {folder} ({agree})")
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """The config flattened for trackers: tensorboard's hparams take only numbers, strings and booleans."""
+    flat = {}
+    for key, value in asdict(config).items():
+        for sub, item in (value.items() if isinstance(value, dict) else [("", value)]):
+            flat[f"{key}.{sub}" if sub else key] = "" if item is None else item
+    return flat
+
+
+def train(config: TrainConfig) -> Path:
+    """Run the configured training; returns the run folder (the one the main process writes)."""
+    config.check()
+    if config.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user set WANDB_MODE
+    data = read_prompts(config.prompts) if config.algorithm == "grpo" else PickAPicPairs(config.data)  # fail before loading
+    if not len(data):
+        raise ValueError(f"{config.data} has no decided pair to learn from: every row is a tie")
+    trainer = Trainer(config)
+    say = trainer.accelerator.print  # main process only
+    say(f"{trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}; run folder {trainer.run_dir}")
+    if config.algorithm == "grpo":
+        say(f"{config.prompts}: {len(data)} prompts, groups of {config.group_size}")
+        trainer.fit(data, list, trainer.grpo_backward, stage=1)
+    else:
+        say(f"{config.data}: {len(data) + data.ties} rows, {data.ties} ties dropped, {len(data)} pairs")
+        say(f"stage 1: {len(data)} pairs")
+        trainer.fit(data, collate_pairs, trainer.dpo_backward, stage=1)
+        if config.two_stage:
+            kept = selector_passed(trainer.accelerator, trainer.selector, data)
+            say(f"stage 2: {len(kept)} of {len(data)} pairs have both images passed by the selector")
+            if kept:
+                trainer.fit(Subset(data, kept), collate_pairs, trainer.dpo_backward, stage=2)
+    trainer.accelerator.end_training()
+    return trainer.run_dir
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(prog="accelerate launch -m optim.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm)
+    parser.add_argument("--data", help="Pick-a-Pic-format parquet file (dpo)")
+    parser.add_argument("--prompts", help="text file, one prompt a line (grpo)")
+    parser.add_argument("--model", help="local diffusers folder (default: the embedded model)")
+    parser.add_argument("--out", default=d.out, help=f"checkpoint root (default {d.out})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="epochs (per stage with --two-stage)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs or prompts per process and step")
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    parser.add_argument("--beta", type=float, default=d.dpo.beta, help="DPO beta, with the paper's 0.5 factor")
+    parser.add_argument("--loss-type", choices=LOSS_TYPES, default=d.dpo.loss_type)
+    parser.add_argument("--two-stage", action="store_true", help="then train again on selector-passed pairs only")
+    parser.add_argument("--selector", help="selector folder (default: the embedded selector)")
+    parser.add_argument("--group-size", type=int, default=d.group_size, help="grpo: candidates per prompt")
+    parser.add_argument("--steps", type=int, default=d.steps, help="grpo: sampling steps")
+    parser.add_argument("--guidance", type=float, default=d.guidance, help="grpo: guidance while sampling")
+    parser.add_argument("--report-to", choices=TRACKERS, default=d.report_to)
+    args = vars(parser.parse_args(argv))
+    dpo = DPOConfig(beta=args.pop("beta"), loss_type=args.pop("loss_type"))
+    return TrainConfig(**args, dpo=dpo)
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        train(config)
+    except (ModelLoadError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -104,6 +104,7 @@ def dpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:
+    value = value.detach()
     if not torch.isfinite(value).all():
         raise UpdateRefused(f"the {what} is not finite ({float(value.flatten()[0])}): no step was taken")
 

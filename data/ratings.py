@@ -46,6 +46,10 @@ class RatingsConfig:
         if not self.rating_max > self.rating_min:
             raise ValueError(f"rating_max ({self.rating_max}) must be above rating_min ({self.rating_min})")
 
+    def normalise(self, rating: float) -> float:
+        """A rating on this scale as a score in [0, 1]: (r - min) / (max - min). The one place it is computed."""
+        return (rating - self.rating_min) / (self.rating_max - self.rating_min)
+
 
 class RatingsFileError(ValueError):
     """The file as a whole is unusable: missing, not CSV text, without rows, or lacking columns."""
@@ -117,7 +121,7 @@ def read_ratings(
                 "row": row,
                 "image_path": cells["image_path"],  # as written; its check returned the resolved file
                 "path": values["image_path"],
-                "score": (values["rating"] - config.rating_min) / (config.rating_max - config.rating_min),
+                "score": config.normalise(values["rating"]),
             })
     rows = pd.DataFrame(good, columns=list(ROW_COLUMNS))
     rows = rows.astype({"row": int, "rating": float, "score": float, "expert_level": int})

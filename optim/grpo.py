@@ -81,3 +81,24 @@ def grpo_step(policy: Policy, trajectory: Trajectory, step: int, advantages: tor
         clipped=((ratio - 1.0).abs() > config.clip_range).detach(),
         approx_kl=(0.5 * (log_prob - old) ** 2).mean().detach(),
     )
+
+
+def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], run_step) -> dict:
+    """Every stored step of every group through ``run_step``, and the metrics averaged over them.
+
+    ``run_step(trajectory, step, advantage, weight, last)`` computes that step's ``GRPOStepTerms``
+    and, when training, back-propagates ``weight * terms.loss`` (the weights sum to 1 over the pass);
+    ``last`` marks the final call, where a distributed run synchronises gradients. The in-process
+    update (``optim.update``) and the accelerate trainer (``optim.train``) differ only in that function.
+    """
+    calls = [(t, j, a) for t, a in zip(trajectories, advantages) for j in range(len(t.timesteps))]
+    weight = 1.0 / len(calls)
+    totals = dict.fromkeys(("loss", "approx_kl", "kl_to_reference", "clip_fraction"), 0.0)
+    ratios = []
+    for i, (trajectory, step, advantage) in enumerate(calls):
+        terms = run_step(trajectory, step, advantage, weight, i == len(calls) - 1)
+        for key, value in zip(totals, (terms.loss, terms.approx_kl, terms.kl.mean(), terms.clipped.float().mean())):
+            totals[key] += value.item() * weight
+        ratios.append(terms.ratio)
+    ratios = torch.cat(ratios)
+    return {**totals, "ratio_mean": ratios.mean().item(), "ratio_min": ratios.min().item(), "ratio_max": ratios.max().item()}

@@ -24,6 +24,8 @@ import numbers
 from collections import Counter
 from typing import Iterable, Sequence
 
+from data.ratings import RatingsConfig
+
 CandidateId = str | int
 Tiers = list[list[CandidateId]]  # as validate_ranking returns them
 Ranking = Sequence[Sequence[CandidateId]]  # as given: lists or tuples
@@ -98,7 +100,7 @@ def rating_reward(rating: float, low: float = 1, high: float = 3) -> float:
         raise ValueError(f"rating {rating!r} is not a finite number (the scale is {low:g}-{high:g})")
     if not low <= rating <= high:
         raise ValueError(f"rating {rating:g} is outside the scale {low:g}-{high:g}")
-    return (rating - low) / (high - low)
+    return RatingsConfig(low, high).normalise(rating)
 
 
 def ranked_pairs(tiers: Ranking) -> list[tuple[CandidateId, CandidateId]]:

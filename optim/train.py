@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
-from optim.grpo import GRPOConfig, group_advantages, grpo_step
+from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.policy import ModelLoadError, Policy
 from optim.selector import Selector
 
@@ -252,17 +252,15 @@ class Trainer:
         samples = [self.policy.sample(p, n=c.group_size, seed=int(torch.randint(2**31 - 1, (), generator=self.generator)),
                                       steps=c.steps, guidance=c.guidance) for p in prompts]
         rewards = [selector_rewards(self.selector, s.images, p) for s, p in zip(samples, prompts)]
-        calls = [(s.trajectory, step, advantage) for s, advantage in zip(samples, group_advantages(rewards, c.grpo))
-                 for step in range(len(s.trajectory.timesteps))]
-        totals = dict.fromkeys(("loss", "kl_to_reference", "approx_kl", "clip_fraction"), 0.0)
-        for i, (trajectory, step, advantage) in enumerate(calls):
-            last = i == len(calls) - 1
+
+        def run_step(trajectory, step, advantage, weight, last):
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 terms = self.model(grpo_step, trajectory, step, advantage, c.grpo)
-                self.accelerator.backward(terms.loss / len(calls))
-            for key, value in zip(totals, (terms.loss, terms.kl.mean(), terms.approx_kl, terms.clipped.float().mean())):
-                totals[key] += value.item() / len(calls)
-        return {**totals, "reward": torch.cat(rewards).mean().item()}
+                self.accelerator.backward(weight * terms.loss)
+            return terms
+
+        metrics = grpo_pass([s.trajectory for s in samples], group_advantages(rewards, c.grpo), run_step)
+        return {**metrics, "reward": torch.cat(rewards).mean().item()}
 
     def save(self, stage: int, examples: int, history: list[dict]) -> None:
         """The main process writes the epoch's adapter weights and meta.json; every process gives its digest."""

@@ -23,7 +23,7 @@ import torch
 
 from optim.dpo import DPOConfig, dpo_terms
 from optim.groups import RankedGroup
-from optim.grpo import GRPOConfig, group_advantages, grpo_step
+from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.logprob import gaussian_kl
 from optim.policy import Policy
 from optim.versions import Version, VersionStore
@@ -59,23 +59,15 @@ class UpdateRefused(Exception):
 def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig) -> dict:
     """One optimizer step's worth of GRPO gradients over every group and stored step; its metrics."""
     advantages = group_advantages([g.rewards() for g in groups], config.grpo)
-    terms_count = sum(len(g.trajectory.timesteps) for g in groups)
-    loss = approx_kl = kl = clipped = 0.0
-    ratios = []
-    for group, advantage in zip(groups, advantages):
-        for step in range(len(group.trajectory.timesteps)):
-            terms = grpo_step(policy, group.trajectory, step, advantage, config.grpo)
-            check_finite(terms.loss, "GRPO loss")
-            if torch.is_grad_enabled():
-                (terms.loss / terms_count).backward()
-            loss += terms.loss.item() / terms_count
-            approx_kl += float(terms.approx_kl) / terms_count
-            kl += float(terms.kl.mean()) / terms_count
-            clipped += float(terms.clipped.float().mean()) / terms_count
-            ratios.append(terms.ratio)
-    ratios = torch.cat(ratios)
-    return {"loss": loss, "approx_kl": approx_kl, "kl_to_reference": kl, "clip_fraction": clipped,
-            "ratio_mean": float(ratios.mean()), "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max())}
+
+    def run_step(trajectory, step, advantage, weight, last):
+        terms = grpo_step(policy, trajectory, step, advantage, config.grpo)
+        check_finite(terms.loss, "GRPO loss")
+        if torch.is_grad_enabled():
+            (weight * terms.loss).backward()
+        return terms
+
+    return grpo_pass([g.trajectory for g in groups], advantages, run_step)
 
 
 def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

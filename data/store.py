@@ -1,0 +1,478 @@
+"""Everything the workbench must not forget: experts, groups, candidates, rankings, versions, updates.
+
+Rows live in SQL through SQLAlchemy: by default ``<workdir>/workbench.db``, SQLite in WAL mode so
+that many browser sessions read while one writes; any SQLAlchemy URL (PostgreSQL for a shared box)
+by option. Images and trajectories are bytes in a content-addressed folder, ``<workdir>/blobs/ab/
+cdef...`` named by their SHA-256: the same image stored twice takes one file, a file's name proves
+its content, and the rows stay small.
+
+Decisions, and why:
+
+- Every write is one short transaction, committed before the method returns, so a restart loses
+  nothing and a crash mid-write leaves no half group. A group's blobs are written before its row:
+  a row never points at a missing file (an orphan file after a crash is harmless).
+- A group's status is derived, never stored: it is "ranked" once it holds ``wanted_rankings``
+  rankings that are not skips. A stored status would need a read-then-write per ranking, which
+  concurrent experts could interleave; a count cannot go stale.
+- One ranking per (group, expert), enforced by a unique constraint: a second submission is refused
+  with a message, also when two arrive at the same instant. A skip counts as that expert's answer.
+- Versions' weights live in ``optim.versions``; the table mirrors their history for queries, so
+  groups name their version as plain text, not as a foreign key.
+- Methods return plain dataclasses, never ORM objects tied to a closed session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship, sessionmaker
+
+from data.modalities import modality_of_prompt
+
+ROLES = ("expert", "admin")
+LEVELS = (1, 2, 3)
+RATINGS = (1, 2, 3)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class StoreError(ValueError):
+    """A request the store refuses (unknown id, duplicate ranking, bad digest); the message says which."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    """ISO 8601 in UTC; SQLite hands back naive datetimes, so the zone the store wrote is put back."""
+    return moment.replace(tzinfo=moment.tzinfo or timezone.utc).isoformat()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Expert(Base):
+    __tablename__ = "experts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(10), default="expert")
+    level: Mapped[int] = mapped_column(default=1)
+
+
+class Group(Base):
+    __tablename__ = "groups"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    prompt: Mapped[str]
+    version: Mapped[str] = mapped_column(String(32))
+    seeds: Mapped[list] = mapped_column(JSON)
+    settings: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=_now, index=True)
+    wanted_rankings: Mapped[int] = mapped_column(default=1)
+    candidates: Mapped[list[Candidate]] = relationship(order_by="Candidate.position", lazy="selectin")
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)  # "<group>-c<position>"
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
+    position: Mapped[int]
+    seed: Mapped[int | None]
+    image: Mapped[str] = mapped_column(String(64))  # blob digest
+    trajectory: Mapped[str | None] = mapped_column(String(64))  # blob digest
+    passed: Mapped[bool]
+    quality: Mapped[float | None]
+    modality: Mapped[dict] = mapped_column(JSON)  # modality -> probability
+    reasons: Mapped[list] = mapped_column(JSON)
+
+
+class Ranking(Base):
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("group_id", "expert_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), index=True)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
+    level: Mapped[int]  # the expert's level when ranking; a later promotion does not rewrite history
+    tiers: Mapped[list] = mapped_column(JSON)  # best first; a tier holds ties; [] when skipped
+    ratings: Mapped[dict | None] = mapped_column(JSON)  # candidate id -> 1..3
+    skipped: Mapped[bool] = mapped_column(default=False)
+    seconds: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+# Rankings that count towards a group's wanted number (skips do not), as a column of each Group row.
+Group.ranked_by = column_property(
+    select(func.count(Ranking.id)).where(Ranking.group_id == Group.id, Ranking.skipped.is_(False))
+    .correlate_except(Ranking).scalar_subquery()
+)
+
+
+class Version(Base):
+    __tablename__ = "versions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    parent: Mapped[str | None] = mapped_column(String(32))
+    algorithm: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
+class Update(Base):
+    __tablename__ = "updates"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[str | None] = mapped_column(ForeignKey("versions.id"))  # None: the update was refused
+    who: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+    algorithm: Mapped[str] = mapped_column(String(16))
+    applied: Mapped[bool]
+    message: Mapped[str] = mapped_column(default="")
+    metrics: Mapped[dict] = mapped_column(JSON)
+
+
+class UpdateGroup(Base):
+    """Which groups an update trained on; a group used by an applied update is not offered again."""
+
+    __tablename__ = "update_groups"
+    update_id: Mapped[int] = mapped_column(ForeignKey("updates.id"), primary_key=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), primary_key=True, index=True)
+
+
+@dataclass
+class NewCandidate:
+    """A candidate as the sampler hands it over: bytes in, digests come back in ``CandidateRecord``."""
+
+    image: bytes
+    passed: bool
+    seed: int | None = None
+    quality: float | None = None
+    modality: dict = field(default_factory=dict)
+    reasons: list = field(default_factory=list)
+    trajectory: bytes | None = None
+
+
+@dataclass
+class CandidateRecord:
+    id: str
+    position: int
+    seed: int | None
+    image: str
+    trajectory: str | None
+    passed: bool
+    quality: float | None
+    modality: dict
+    reasons: list
+
+
+@dataclass
+class GroupRecord:
+    id: str
+    prompt: str
+    version: str
+    seeds: list
+    settings: dict
+    created_at: str
+    wanted_rankings: int
+    rankings: int  # not counting skips
+    status: str  # "pending" until it holds wanted_rankings rankings, then "ranked"
+    candidates: list[CandidateRecord]
+
+    @property
+    def survivors(self) -> list[str]:
+        return [c.id for c in self.candidates if c.passed]
+
+
+@dataclass
+class RankingRecord:
+    id: int
+    group_id: str
+    expert: str
+    level: int
+    tiers: list
+    ratings: dict | None
+    skipped: bool
+    seconds: float | None
+    created_at: str
+
+
+class Store:
+    def __init__(self, workdir: str | Path, url: str | None = None):
+        self.workdir = Path(workdir)
+        self.blobs = self.workdir / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url or f"sqlite:///{self.workdir / 'workbench.db'}")
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Blobs ----------------------------------------------------------------------------------------
+
+    def put_blob(self, content: bytes) -> str:
+        """Store bytes once under their SHA-256 and return it; written to a temp file, then renamed into place."""
+        digest = hashlib.sha256(content).hexdigest()
+        path = self._blob_path(digest)
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+        return digest
+
+    def get_blob(self, digest: str) -> bytes:
+        path = self._blob_path(digest)
+        if not path.exists():
+            raise StoreError(f"blob {digest} is not in {self.blobs}")
+        return path.read_bytes()
+
+    def _blob_path(self, digest: str) -> Path:
+        """The file for a digest; only 64 lowercase hex digits pass, so no digest can name a path outside."""
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise StoreError(f"{digest!r} is not a blob digest (64 lowercase hex digits of SHA-256)")
+        return self.blobs / digest[:2] / digest[2:]
+
+    # Experts --------------------------------------------------------------------------------------
+
+    def add_expert(self, name: str, role: str = "expert", level: int = 1) -> dict:
+        if role not in ROLES or level not in LEVELS:
+            raise StoreError(f"expert {name!r}: role must be one of {ROLES} and level one of {LEVELS}")
+        try:
+            with self._session.begin() as s:
+                s.add(Expert(name=name, role=role, level=level))
+        except IntegrityError:
+            raise StoreError(f"expert {name!r} already exists") from None
+        return self.get_expert(name)
+
+    def get_expert(self, name: str) -> dict:
+        with self._session() as s:
+            expert = self._expert(s, name)
+            return {"name": expert.name, "role": expert.role, "level": expert.level}
+
+    # Groups ---------------------------------------------------------------------------------------
+
+    def add_group(self, prompt: str, version: str, seeds: list, settings: dict,
+                  candidates: list[NewCandidate], wanted_rankings: int = 1) -> str:
+        """Store a generated group and its candidates' blobs; returns the new group's id."""
+        if wanted_rankings < 1:
+            raise StoreError(f"wanted_rankings must be at least 1, not {wanted_rankings}")
+        group_id = uuid.uuid4().hex[:12]
+        rows = [
+            Candidate(id=f"{group_id}-c{k}", group_id=group_id, position=k, seed=c.seed,
+                      image=self.put_blob(c.image),
+                      trajectory=None if c.trajectory is None else self.put_blob(c.trajectory),
+                      passed=bool(c.passed), quality=c.quality, modality=dict(c.modality), reasons=list(c.reasons))
+            for k, c in enumerate(candidates)
+        ]
+        with self._session.begin() as s:
+            s.add(Group(id=group_id, prompt=prompt, version=version, seeds=list(seeds), settings=dict(settings),
+                        wanted_rankings=wanted_rankings))
+            s.flush()  # the group row first: candidates reference it
+            s.add_all(rows)
+        return group_id
+
+    def get_group(self, group_id: str) -> GroupRecord:
+        with self._session() as s:
+            return _group_record(self._group(s, group_id))
+
+    def next_group_for(self, expert: str) -> GroupRecord | None:
+        """The oldest group still short of its wanted rankings that this expert has not ranked or skipped.
+
+        Nothing is reserved: experts asking at the same instant may get the same group.
+        """
+        with self._session() as s:
+            answered = select(Ranking.group_id).where(Ranking.expert_id == self._expert(s, expert).id)
+            group = s.scalars(
+                select(Group).where(Group.ranked_by < Group.wanted_rankings, Group.id.not_in(answered))
+                .order_by(Group.created_at, Group.id).limit(1)
+            ).first()
+            return None if group is None else _group_record(group)
+
+    def unused_ranked_groups(self) -> list[GroupRecord]:
+        """Ranked groups no applied update has trained on yet, oldest first (a refused update used none)."""
+        with self._session() as s:
+            used = select(UpdateGroup.group_id).join(Update).where(Update.applied.is_(True))
+            groups = s.scalars(
+                select(Group).where(Group.ranked_by >= Group.wanted_rankings, Group.id.not_in(used))
+                .order_by(Group.created_at, Group.id)
+            ).all()
+            return [_group_record(g) for g in groups]
+
+    # Rankings -------------------------------------------------------------------------------------
+
+    def add_ranking(self, group_id: str, expert: str, tiers: list | None, level: int | None = None,
+                    ratings: dict | None = None, skipped: bool = False, seconds: float | None = None) -> RankingRecord:
+        """Store one expert's ranking of a group (tiers best first), or their skip.
+
+        The tiers must hold each of the group's surviving candidates exactly once; ratings (1-3)
+        may cover any of them. ``level`` defaults to the expert's level now.
+        """
+        with self._session() as s:
+            group, who = self._group(s, group_id), self._expert(s, expert)
+            _check_answer(group, list(tiers or []), ratings, skipped)
+            expert_id, level = who.id, who.level if level is None else level
+        if level not in LEVELS:
+            raise StoreError(f"level must be one of {LEVELS}, not {level!r}")
+        try:
+            with self._session.begin() as s:
+                row = Ranking(group_id=group_id, expert_id=expert_id, level=level, tiers=list(tiers or []),
+                              ratings=ratings, skipped=skipped, seconds=seconds)
+                s.add(row)
+        except IntegrityError:  # the unique (group, expert) constraint, also when two submissions race
+            raise StoreError(f"expert {expert!r} has already ranked group {group_id}; a group takes one ranking per expert") from None
+        return _ranking_record(row, expert)
+
+    def rankings(self, group_id: str | None = None, expert: str | None = None) -> list[RankingRecord]:
+        """Rankings, oldest first, of one group and/or one expert when given."""
+        query = select(Ranking, Expert.name).join(Expert).order_by(Ranking.created_at, Ranking.id)
+        if group_id is not None:
+            query = query.where(Ranking.group_id == group_id)
+        if expert is not None:
+            query = query.where(Expert.name == expert)
+        with self._session() as s:
+            return [_ranking_record(r, name) for r, name in s.execute(query)]
+
+    # Versions and updates -------------------------------------------------------------------------
+
+    def record_version(self, version_id: str, parent: str | None, algorithm: str | None,
+                       metrics: dict | None = None) -> None:
+        try:
+            with self._session.begin() as s:
+                s.add(Version(id=version_id, parent=parent, algorithm=algorithm, metrics=dict(metrics or {})))
+        except IntegrityError:
+            raise StoreError(f"version {version_id!r} is already recorded") from None
+
+    def versions(self) -> list[dict]:
+        with self._session() as s:
+            rows = s.scalars(select(Version).order_by(Version.created_at)).all()
+            return [{"id": v.id, "parent": v.parent, "algorithm": v.algorithm,
+                     "created_at": _iso(v.created_at), "metrics": v.metrics} for v in rows]
+
+    def record_update(self, who: str, algorithm: str, group_ids: list[str], applied: bool,
+                      version: str | None = None, message: str = "", metrics: dict | None = None) -> int:
+        """Record an update and the groups it used (also when refused, to keep the why); returns its id."""
+        with self._session.begin() as s:
+            known = set(s.scalars(select(Group.id).where(Group.id.in_(group_ids))))
+            unknown = [g for g in group_ids if g not in known]
+            if unknown:
+                raise StoreError(f"update names unknown groups: {', '.join(unknown)}")
+            if version is not None and s.get(Version, version) is None:
+                raise StoreError(f"update names version {version!r}, which is not recorded (record_version first)")
+            update = Update(version_id=version, who=who, algorithm=algorithm, applied=applied,
+                            message=message, metrics=dict(metrics or {}))
+            s.add(update)
+            s.flush()
+            s.add_all(UpdateGroup(update_id=update.id, group_id=g) for g in dict.fromkeys(group_ids))
+        return update.id
+
+    def updates(self) -> list[dict]:
+        with self._session() as s:
+            links = s.execute(select(UpdateGroup.update_id, UpdateGroup.group_id)).all()
+            return [{"id": u.id, "version": u.version_id, "who": u.who, "created_at": _iso(u.created_at),
+                     "algorithm": u.algorithm, "applied": u.applied, "message": u.message, "metrics": u.metrics,
+                     "groups": [g for i, g in links if i == u.id]}
+                    for u in s.scalars(select(Update).order_by(Update.id))]
+
+    def counts(self) -> dict:
+        """Groups per status and per modality (read from the prompt's prefix), rankings and skips per expert."""
+        with self._session() as s:
+            groups = s.execute(select(Group.prompt, Group.ranked_by >= Group.wanted_rankings)).all()
+            answers = s.execute(
+                select(Expert.name, Ranking.skipped, func.count()).join(Ranking).group_by(Expert.name, Ranking.skipped)
+            ).all()
+        modalities: dict[str, int] = {}
+        for prompt, _ in groups:
+            key = modality_of_prompt(prompt) or "unknown"
+            modalities[key] = modalities.get(key, 0) + 1
+        experts: dict[str, dict] = {}
+        for name, skipped, n in answers:
+            experts.setdefault(name, {"rankings": 0, "skipped": 0})["skipped" if skipped else "rankings"] += n
+        ranked = sum(1 for _, done in groups if done)
+        return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked,
+                "per_modality": modalities, "per_expert": experts}
+
+    # Lookups with clear errors --------------------------------------------------------------------
+
+    def _group(self, s, group_id: str) -> Group:
+        group = s.get(Group, group_id)
+        if group is None:
+            raise StoreError(f"unknown group {group_id!r}")
+        return group
+
+    def _expert(self, s, name: str) -> Expert:
+        expert = s.scalars(select(Expert).where(Expert.name == name)).first()
+        if expert is None:
+            raise StoreError(f"unknown expert {name!r} (add_expert first)")
+        return expert
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    """WAL lets readers run beside the one writer; busy_timeout makes a second writer wait, not fail."""
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _check_answer(group: Group, tiers: list, ratings: dict | None, skipped: bool) -> None:
+    """Refuse a ranking that does not rank exactly the group's survivors, naming every offending id."""
+    if skipped:
+        if tiers or ratings:
+            raise StoreError(f"group {group.id}: a skip carries no tiers or ratings")
+        return
+    ids = {c.id for c in group.candidates}
+    survivors = [c.id for c in group.candidates if c.passed]
+    if not tiers or not all(isinstance(t, (list, tuple)) and t and all(isinstance(c, str) for c in t) for t in tiers):
+        raise StoreError(f"group {group.id}: a ranking is a list of non-empty tiers of candidate ids, not {tiers!r}")
+    ranked = [c for tier in tiers for c in tier]
+    faults = []
+    if unknown := [str(c) for c in ranked if c not in ids]:
+        faults.append(f"unknown candidates {', '.join(unknown)}")
+    if rejected := [c for c in ranked if c in ids and c not in survivors]:
+        faults.append(f"candidates the selector rejected {', '.join(rejected)}")
+    if missing := [c for c in survivors if c not in ranked]:
+        faults.append(f"survivors left out {', '.join(missing)} (tie those you cannot tell apart)")
+    if twice := sorted({str(c) for c in ranked if ranked.count(c) > 1}):
+        faults.append(f"candidates ranked twice {', '.join(twice)}")
+    for candidate, rating in (ratings or {}).items():
+        if candidate not in ids or rating not in RATINGS:
+            faults.append(f"rating {rating!r} for {candidate!r} (ratings are 1-3 for this group's candidates)")
+    if faults:
+        raise StoreError(f"group {group.id}: ranking refused: {'; '.join(faults)}; survivors are {', '.join(survivors)}")
+
+
+def _ranking_record(r: Ranking, expert: str) -> RankingRecord:
+    return RankingRecord(r.id, r.group_id, expert, r.level, r.tiers, r.ratings, r.skipped, r.seconds,
+                         _iso(r.created_at))
+
+
+def _group_record(group: Group) -> GroupRecord:
+    candidates = [
+        CandidateRecord(c.id, c.position, c.seed, c.image, c.trajectory, c.passed, c.quality, c.modality, c.reasons)
+        for c in group.candidates
+    ]
+    return GroupRecord(group.id, group.prompt, group.version, group.seeds, group.settings, _iso(group.created_at),
+                       group.wanted_rankings, group.ranked_by,
+                       "ranked" if group.ranked_by >= group.wanted_rankings else "pending", candidates)

@@ -18,7 +18,7 @@ Decisions, and why:
   with a message, also when two arrive at the same instant. A skip counts as that expert's answer.
 - Versions' weights live in ``optim.versions``; the table mirrors their history for queries, so
   groups name their version as plain text, not as a foreign key.
-- Methods return plain dataclasses, never ORM objects tied to a closed session.
+- Methods return plain JSON-ready dicts (the HTTP API passes them on), never ORM objects.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import os
 import re
 import tempfile
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, func, select
+from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship, sessionmaker
 
@@ -58,7 +59,7 @@ def _iso(moment: datetime) -> str:
 
 
 class Base(DeclarativeBase):
-    pass
+    type_annotation_map = {datetime: DateTime(timezone=True)}  # PostgreSQL keeps the zone; SQLite drops it
 
 
 class Expert(Base):
@@ -147,7 +148,7 @@ class UpdateGroup(Base):
 
 @dataclass
 class NewCandidate:
-    """A candidate as the sampler hands it over: bytes in, digests come back in ``CandidateRecord``."""
+    """A candidate as the sampler hands it over: its bytes go to blobs, the rows keep their digests."""
 
     image: bytes
     passed: bool
@@ -156,50 +157,6 @@ class NewCandidate:
     modality: dict = field(default_factory=dict)
     reasons: list = field(default_factory=list)
     trajectory: bytes | None = None
-
-
-@dataclass
-class CandidateRecord:
-    id: str
-    position: int
-    seed: int | None
-    image: str
-    trajectory: str | None
-    passed: bool
-    quality: float | None
-    modality: dict
-    reasons: list
-
-
-@dataclass
-class GroupRecord:
-    id: str
-    prompt: str
-    version: str
-    seeds: list
-    settings: dict
-    created_at: str
-    wanted_rankings: int
-    rankings: int  # not counting skips
-    status: str  # "pending" until it holds wanted_rankings rankings, then "ranked"
-    candidates: list[CandidateRecord]
-
-    @property
-    def survivors(self) -> list[str]:
-        return [c.id for c in self.candidates if c.passed]
-
-
-@dataclass
-class RankingRecord:
-    id: int
-    group_id: str
-    expert: str
-    level: int
-    tiers: list
-    ratings: dict | None
-    skipped: bool
-    seconds: float | None
-    created_at: str
 
 
 class Store:
@@ -215,12 +172,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # Blobs ----------------------------------------------------------------------------------------
 
@@ -250,7 +201,7 @@ class Store:
 
     def _blob_path(self, digest: str) -> Path:
         """The file for a digest; only 64 lowercase hex digits pass, so no digest can name a path outside."""
-        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
             raise StoreError(f"{digest!r} is not a blob digest (64 lowercase hex digits of SHA-256)")
         return self.blobs / digest[:2] / digest[2:]
 
@@ -261,15 +212,14 @@ class Store:
             raise StoreError(f"expert {name!r}: role must be one of {ROLES} and level one of {LEVELS}")
         try:
             with self._session.begin() as s:
-                s.add(Expert(name=name, role=role, level=level))
+                s.add(expert := Expert(name=name, role=role, level=level))
         except IntegrityError:
             raise StoreError(f"expert {name!r} already exists") from None
-        return self.get_expert(name)
+        return _row(expert)
 
     def get_expert(self, name: str) -> dict:
         with self._session() as s:
-            expert = self._expert(s, name)
-            return {"name": expert.name, "role": expert.role, "level": expert.level}
+            return _row(self._expert(s, name))
 
     # Groups ---------------------------------------------------------------------------------------
 
@@ -280,7 +230,7 @@ class Store:
             raise StoreError(f"wanted_rankings must be at least 1, not {wanted_rankings}")
         group_id = uuid.uuid4().hex[:12]
         rows = [
-            Candidate(id=f"{group_id}-c{k}", group_id=group_id, position=k, seed=c.seed,
+            Candidate(id=f"{group_id}-c{k}", position=k, seed=c.seed,
                       image=self.put_blob(c.image),
                       trajectory=None if c.trajectory is None else self.put_blob(c.trajectory),
                       passed=bool(c.passed), quality=c.quality, modality=dict(c.modality), reasons=list(c.reasons))
@@ -288,16 +238,14 @@ class Store:
         ]
         with self._session.begin() as s:
             s.add(Group(id=group_id, prompt=prompt, version=version, seeds=list(seeds), settings=dict(settings),
-                        wanted_rankings=wanted_rankings))
-            s.flush()  # the group row first: candidates reference it
-            s.add_all(rows)
+                        wanted_rankings=wanted_rankings, candidates=rows))
         return group_id
 
-    def get_group(self, group_id: str) -> GroupRecord:
+    def get_group(self, group_id: str) -> dict:
         with self._session() as s:
-            return _group_record(self._group(s, group_id))
+            return _group_dict(self._group(s, group_id))
 
-    def next_group_for(self, expert: str) -> GroupRecord | None:
+    def next_group_for(self, expert: str) -> dict | None:
         """The oldest group still short of its wanted rankings that this expert has not ranked or skipped.
 
         Nothing is reserved: experts asking at the same instant may get the same group.
@@ -308,9 +256,9 @@ class Store:
                 select(Group).where(Group.ranked_by < Group.wanted_rankings, Group.id.not_in(answered))
                 .order_by(Group.created_at, Group.id).limit(1)
             ).first()
-            return None if group is None else _group_record(group)
+            return None if group is None else _group_dict(group)
 
-    def unused_ranked_groups(self) -> list[GroupRecord]:
+    def unused_ranked_groups(self) -> list[dict]:
         """Ranked groups no applied update has trained on yet, oldest first (a refused update used none)."""
         with self._session() as s:
             used = select(UpdateGroup.group_id).join(Update).where(Update.applied.is_(True))
@@ -318,17 +266,19 @@ class Store:
                 select(Group).where(Group.ranked_by >= Group.wanted_rankings, Group.id.not_in(used))
                 .order_by(Group.created_at, Group.id)
             ).all()
-            return [_group_record(g) for g in groups]
+            return [_group_dict(g) for g in groups]
 
     # Rankings -------------------------------------------------------------------------------------
 
     def add_ranking(self, group_id: str, expert: str, tiers: list | None, level: int | None = None,
-                    ratings: dict | None = None, skipped: bool = False, seconds: float | None = None) -> RankingRecord:
+                    ratings: dict | None = None, skipped: bool = False, seconds: float | None = None) -> dict:
         """Store one expert's ranking of a group (tiers best first), or their skip.
 
         The tiers must hold each of the group's surviving candidates exactly once; ratings (1-3)
         may cover any of them. ``level`` defaults to the expert's level now.
         """
+        # Checked in a read first, then the insert alone in its own transaction: the write lock,
+        # which every expert's submission queues for, is held for one statement.
         with self._session() as s:
             group, who = self._group(s, group_id), self._expert(s, expert)
             _check_answer(group, list(tiers or []), ratings, skipped)
@@ -342,9 +292,9 @@ class Store:
                 s.add(row)
         except IntegrityError:  # the unique (group, expert) constraint, also when two submissions race
             raise StoreError(f"expert {expert!r} has already ranked group {group_id}; a group takes one ranking per expert") from None
-        return _ranking_record(row, expert)
+        return _row(row, expert=expert)
 
-    def rankings(self, group_id: str | None = None, expert: str | None = None) -> list[RankingRecord]:
+    def rankings(self, group_id: str | None = None, expert: str | None = None) -> list[dict]:
         """Rankings, oldest first, of one group and/or one expert when given."""
         query = select(Ranking, Expert.name).join(Expert).order_by(Ranking.created_at, Ranking.id)
         if group_id is not None:
@@ -352,7 +302,7 @@ class Store:
         if expert is not None:
             query = query.where(Expert.name == expert)
         with self._session() as s:
-            return [_ranking_record(r, name) for r, name in s.execute(query)]
+            return [_row(r, expert=name) for r, name in s.execute(query)]
 
     # Versions and updates -------------------------------------------------------------------------
 
@@ -366,9 +316,7 @@ class Store:
 
     def versions(self) -> list[dict]:
         with self._session() as s:
-            rows = s.scalars(select(Version).order_by(Version.created_at)).all()
-            return [{"id": v.id, "parent": v.parent, "algorithm": v.algorithm,
-                     "created_at": _iso(v.created_at), "metrics": v.metrics} for v in rows]
+            return [_row(v) for v in s.scalars(select(Version).order_by(Version.created_at))]
 
     def record_update(self, who: str, algorithm: str, group_ids: list[str], applied: bool,
                       version: str | None = None, message: str = "", metrics: dict | None = None) -> int:
@@ -390,10 +338,7 @@ class Store:
     def updates(self) -> list[dict]:
         with self._session() as s:
             links = s.execute(select(UpdateGroup.update_id, UpdateGroup.group_id)).all()
-            return [{"id": u.id, "version": u.version_id, "who": u.who, "created_at": _iso(u.created_at),
-                     "algorithm": u.algorithm, "applied": u.applied, "message": u.message, "metrics": u.metrics,
-                     "groups": [g for i, g in links if i == u.id]}
-                    for u in s.scalars(select(Update).order_by(Update.id))]
+            return [_row(u, groups=[g for i, g in links if i == u.id]) for u in s.scalars(select(Update).order_by(Update.id))]
 
     def counts(self) -> dict:
         """Groups per status and per modality (read from the prompt's prefix), rankings and skips per expert."""
@@ -402,16 +347,13 @@ class Store:
             answers = s.execute(
                 select(Expert.name, Ranking.skipped, func.count()).join(Ranking).group_by(Expert.name, Ranking.skipped)
             ).all()
-        modalities: dict[str, int] = {}
-        for prompt, _ in groups:
-            key = modality_of_prompt(prompt) or "unknown"
-            modalities[key] = modalities.get(key, 0) + 1
+        modalities = Counter(modality_of_prompt(prompt) or "unknown" for prompt, _ in groups)
         experts: dict[str, dict] = {}
         for name, skipped, n in answers:
             experts.setdefault(name, {"rankings": 0, "skipped": 0})["skipped" if skipped else "rankings"] += n
         ranked = sum(1 for _, done in groups if done)
         return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked,
-                "per_modality": modalities, "per_expert": experts}
+                "per_modality": dict(modalities), "per_expert": experts}
 
     # Lookups with clear errors --------------------------------------------------------------------
 
@@ -463,16 +405,14 @@ def _check_answer(group: Group, tiers: list, ratings: dict | None, skipped: bool
         raise StoreError(f"group {group.id}: ranking refused: {'; '.join(faults)}; survivors are {', '.join(survivors)}")
 
 
-def _ranking_record(r: Ranking, expert: str) -> RankingRecord:
-    return RankingRecord(r.id, r.group_id, expert, r.level, r.tiers, r.ratings, r.skipped, r.seconds,
-                         _iso(r.created_at))
+def _row(row: Base, **extra) -> dict:
+    """A row's columns as a JSON-ready dict (times as ISO text), plus ``extra``: no ORM object leaves a session."""
+    values = {c.key: getattr(row, c.key) for c in row.__mapper__.column_attrs}
+    return {k: _iso(v) if isinstance(v, datetime) else v for k, v in values.items()} | extra
 
 
-def _group_record(group: Group) -> GroupRecord:
-    candidates = [
-        CandidateRecord(c.id, c.position, c.seed, c.image, c.trajectory, c.passed, c.quality, c.modality, c.reasons)
-        for c in group.candidates
-    ]
-    return GroupRecord(group.id, group.prompt, group.version, group.seeds, group.settings, _iso(group.created_at),
-                       group.wanted_rankings, group.ranked_by,
-                       "ranked" if group.ranked_by >= group.wanted_rankings else "pending", candidates)
+def _group_dict(group: Group) -> dict:
+    """A group with its candidates (position order), its survivors' ids and its derived status."""
+    return _row(group, status="ranked" if group.ranked_by >= group.wanted_rankings else "pending",
+                candidates=[_row(c) for c in group.candidates],
+                survivors=[c.id for c in group.candidates if c.passed])

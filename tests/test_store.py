@@ -1,6 +1,7 @@
 """The store: groups and blobs round-trip, rankings are checked and never lost or doubled, a restart forgets nothing."""
 
 import hashlib
+import json
 import threading
 
 import pytest
@@ -36,15 +37,18 @@ def _experts(store, *names):
 
 
 def test_group_round_trips_with_its_candidates_and_blobs(store):
-    group = store.get_group(_group(store))
-    assert (group.prompt, group.version, group.seeds, group.settings) == (PROMPT, "v0", [0, 1, 2], {"steps": 4})
-    assert group.status == "pending" and group.rankings == 0 and group.wanted_rankings == 1
-    assert [c.id for c in group.candidates] == [f"{group.id}-c{k}" for k in range(3)]
-    assert group.survivors == [f"{group.id}-c0", f"{group.id}-c1"]
-    rejected = group.candidates[2]
-    assert (rejected.passed, rejected.seed, rejected.reasons) == (False, 2, ["quality 0.30 < 0.50"])
-    assert rejected.modality == {"OCT": 0.9, "CT": 0.1} and rejected.quality == pytest.approx(0.3)
-    assert store.get_blob(rejected.image) == b"png-2" and store.get_blob(rejected.trajectory) == b"chain-2"
+    g = _group(store)
+    group = store.get_group(g)
+    assert {k: group[k] for k in ("id", "prompt", "version", "seeds", "settings")} == {
+        "id": g, "prompt": PROMPT, "version": "v0", "seeds": [0, 1, 2], "settings": {"steps": 4}}
+    assert (group["status"], group["ranked_by"], group["wanted_rankings"]) == ("pending", 0, 1)
+    assert [c["id"] for c in group["candidates"]] == [f"{g}-c{k}" for k in range(3)]
+    assert group["survivors"] == [f"{g}-c0", f"{g}-c1"]
+    rejected = group["candidates"][2]
+    assert (rejected["passed"], rejected["seed"], rejected["reasons"]) == (False, 2, ["quality 0.30 < 0.50"])
+    assert rejected["modality"] == {"OCT": 0.9, "CT": 0.1} and rejected["quality"] == pytest.approx(0.3)
+    assert store.get_blob(rejected["image"]) == b"png-2" and store.get_blob(rejected["trajectory"]) == b"chain-2"
+    assert json.loads(json.dumps(group)) == group  # JSON-ready for the HTTP API
     with pytest.raises(StoreError, match="unknown group 'nope'"):
         store.get_group("nope")
 
@@ -82,12 +86,16 @@ def test_a_ranking_must_rank_exactly_the_survivors(store):
         store.add_ranking(g, "alice", [[f"{g}-c0", f"{g}-c1"]], ratings={f"{g}-c0": 5})
     with pytest.raises(StoreError, match="unknown expert 'mallory'"):
         store.add_ranking(g, "mallory", [[f"{g}-c0", f"{g}-c1"]])
+    with pytest.raises(StoreError, match="a skip carries no tiers"):
+        store.add_ranking(g, "alice", [[f"{g}-c0", f"{g}-c1"]], skipped=True)
+    with pytest.raises(StoreError, match="level must be one of"):
+        store.add_ranking(g, "alice", [[f"{g}-c0", f"{g}-c1"]], level=4)
     assert store.rankings() == []
 
     ranking = store.add_ranking(g, "alice", [[f"{g}-c1"], [f"{g}-c0"]], ratings={f"{g}-c1": 3}, seconds=12.5)
-    assert (ranking.expert, ranking.level, ranking.tiers) == ("alice", 2, [[f"{g}-c1"], [f"{g}-c0"]])
+    assert (ranking["expert"], ranking["level"], ranking["tiers"]) == ("alice", 2, [[f"{g}-c1"], [f"{g}-c0"]])
     assert store.rankings(group_id=g) == [ranking] == store.rankings(expert="alice")
-    assert store.get_group(g).status == "ranked"
+    assert store.get_group(g)["status"] == "ranked"
 
 
 def test_a_second_ranking_by_the_same_expert_is_refused(store):
@@ -98,7 +106,7 @@ def test_a_second_ranking_by_the_same_expert_is_refused(store):
         store.add_ranking(g, "alice", [[f"{g}-c1"], [f"{g}-c0"]])
     with pytest.raises(StoreError, match="already ranked"):
         store.add_ranking(g, "alice", None, skipped=True)
-    assert [r.tiers for r in store.rankings()] == [[[f"{g}-c0"], [f"{g}-c1"]]]
+    assert [r["tiers"] for r in store.rankings()] == [[[f"{g}-c0"], [f"{g}-c1"]]]
 
 
 def test_a_restart_loses_nothing(tmp_path):
@@ -111,24 +119,24 @@ def test_a_restart_loses_nothing(tmp_path):
 
     reopened = Store(tmp_path / "work")
     assert (reopened.get_group(pending), reopened.get_group(ranked), reopened.rankings()) == before
-    assert reopened.get_group(pending).status == "pending"
-    assert reopened.next_group_for("alice").id == pending
-    assert reopened.get_blob(before[0].candidates[0].image) == b"png-0"
+    assert reopened.get_group(pending)["status"] == "pending"
+    assert reopened.next_group_for("alice")["id"] == pending
+    assert reopened.get_blob(before[0]["candidates"][0]["image"]) == b"png-0"
     reopened.close()
 
 
 def test_overlap_sends_a_group_to_two_experts_and_skips_do_not_count(store):
     _experts(store, "alice", "bob", "carol", "dave")
     shared, later = _group(store, wanted_rankings=2), _group(store, tag=b"later")
-    assert store.next_group_for("alice").id == shared
+    assert store.next_group_for("alice")["id"] == shared
     store.add_ranking(shared, "alice", [[f"{shared}-c0"], [f"{shared}-c1"]])
-    assert store.next_group_for("alice").id == later  # alice never gets a group twice
+    assert store.next_group_for("alice")["id"] == later  # alice never gets a group twice
     store.add_ranking(shared, "dave", None, skipped=True)  # a skip is dave's answer, not a ranking
-    assert store.next_group_for("dave").id == later
-    assert store.next_group_for("bob").id == shared  # one ranking of the two wanted
+    assert store.next_group_for("dave")["id"] == later
+    assert store.next_group_for("bob")["id"] == shared  # one ranking of the two wanted
     store.add_ranking(shared, "bob", [[f"{shared}-c1"], [f"{shared}-c0"]])
-    assert store.next_group_for("carol").id == later  # the shared group has its two rankings
-    assert store.get_group(shared).status == "ranked"
+    assert store.next_group_for("carol")["id"] == later  # the shared group has its two rankings
+    assert store.get_group(shared)["status"] == "ranked"
     counts = store.counts()
     assert (counts["groups"], counts["ranked"], counts["pending"], counts["per_modality"]) == (2, 1, 1, {"OCT": 2})
     assert counts["per_expert"]["dave"] == {"rankings": 0, "skipped": 1}
@@ -139,13 +147,13 @@ def test_unused_ranked_groups_leave_out_those_an_applied_update_used(store):
     groups = [_group(store, tag=b"%d" % k) for k in range(4)]
     for g in groups[:3]:
         store.add_ranking(g, "alice", [[f"{g}-c0"], [f"{g}-c1"]])
-    assert [g.id for g in store.unused_ranked_groups()] == groups[:3]  # the unranked one is not offered
+    assert [g["id"] for g in store.unused_ranked_groups()] == groups[:3]  # the unranked one is not offered
 
     store.record_update("admin", "grpo", groups[:1], applied=False, message="NaN loss; kept v0")
-    assert [g.id for g in store.unused_ranked_groups()] == groups[:3]  # a refused update used nothing
+    assert [g["id"] for g in store.unused_ranked_groups()] == groups[:3]  # a refused update used nothing
     store.record_version("v1", parent="v0", algorithm="grpo", metrics={"loss": 0.1})
     update = store.record_update("admin", "grpo", groups[:2], applied=True, version="v1", metrics={"loss": 0.1})
-    assert [g.id for g in store.unused_ranked_groups()] == groups[2:3]
+    assert [g["id"] for g in store.unused_ranked_groups()] == groups[2:3]
     assert store.updates()[-1]["id"] == update and store.updates()[-1]["groups"] == groups[:2]
     assert [v["id"] for v in store.versions()] == ["v1"]
     with pytest.raises(StoreError, match="unknown groups: nope"):
@@ -180,9 +188,9 @@ def test_twenty_experts_ranking_at_once_while_an_update_is_written(store):
 
     assert errors == []
     stored = store.rankings()
-    assert len(stored) == 20 and sorted(r.expert for r in stored) == names
-    assert all(store.get_group(g).status == "ranked" for g in groups)
-    assert [g.id for g in store.unused_ranked_groups()] == groups[5:]
+    assert len(stored) == 20 and sorted(r["expert"] for r in stored) == names
+    assert all(store.get_group(g)["status"] == "ranked" for g in groups)
+    assert [g["id"] for g in store.unused_ranked_groups()] == groups[5:]
 
 
 def test_the_same_ranking_sent_twice_at_once_is_stored_once(store):
@@ -194,7 +202,7 @@ def test_the_same_ranking_sent_twice_at_once_is_stored_once(store):
     def send():
         start.wait()
         try:
-            outcomes.append(store.add_ranking(g, "alice", [[f"{g}-c0"], [f"{g}-c1"]]).id)
+            outcomes.append(store.add_ranking(g, "alice", [[f"{g}-c0"], [f"{g}-c1"]])["id"])
         except StoreError as error:
             outcomes.append(str(error))
 

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from data.images import write_png, write_secondary_capture
-from data.modalities import MODALITIES
+from data.modalities import DICOM_MODALITY, MODALITIES
 from data.phantoms import make_phantom, random_phantom
 from data.ratings import write_ratings
 
@@ -51,7 +51,6 @@ DEGRADATION_WEIGHTS = (0.30, 0.12, 0.12, 0.09, 0.09, 0.12, 0.08, 0.08)
 EXPERTS = (("alice", 3), ("bob", 2), ("carol", 1), ("dan", 2), ("erin", 3))
 RATING_NOISE = {1: 0.45, 2: 0.3, 3: 0.15}
 SECOND_OPINION_RATE = 1 / 3
-DICOM_MODALITY = {"CT": "CT", "MRI": "MR", "XRAY": "DX", "OCT": "OPT"}
 FAKE_SURNAMES = ("DOE", "ROE", "MUSTERMANN", "DUPONT", "ROSSI", "TANAKA", "SILVA", "NOWAK")
 FAKE_GIVEN = ("JANE", "JOHN", "ALEX", "SAM", "KIM", "LEE", "MARIA", "NOOR")
 

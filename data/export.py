@@ -51,9 +51,8 @@ from datasets import Features, Image as ImageFeature, List, Value
 from PIL import Image
 
 from data.deid import Deidentifier, deidentify_file
-from data.demo_set import DICOM_MODALITY
 from data.images import write_secondary_capture
-from data.modalities import canonical_modality
+from data.modalities import DICOM_MODALITY, canonical_modality
 from data.ratings import write_ratings
 
 CandidateId = str | int

@@ -13,6 +13,9 @@ MODALITIES = ("CT", "MRI", "XRAY", "OCT")
 #: How each modality reads in a message to an expert.
 MODALITY_NAMES = {"CT": "CT", "MRI": "MRI", "XRAY": "chest X-ray", "OCT": "OCT"}
 
+#: The DICOM Modality code written for each (Secondary Capture of generated or demo images).
+DICOM_MODALITY = {"CT": "CT", "MRI": "MR", "XRAY": "DX", "OCT": "OPT"}
+
 #: The words each prompt starts with, per modality; ``modality_of_prompt`` reads them back.
 PROMPT_PREFIX = {"CT": "CT:", "MRI": "MRI:", "XRAY": "chest X-ray:", "OCT": "OCT:"}
 

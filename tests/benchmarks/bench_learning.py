@@ -79,6 +79,8 @@ def run(algorithm: str, args, prompts: list[str]) -> dict:
     store = VersionStore(Path(tempfile.mkdtemp()) / "versions")
     policy.open_versions(store)
     config = UpdateConfig(algorithm=algorithm)
+    if args.learning_rate is not None:  # to try other settings; the defaults are UpdateConfig's
+        config.learning_rate = args.learning_rate
     base_scores, base_passed, eval_chains = evaluate(policy, selector, prompts, args.eval, args.steps)
     eval_groups = [RankedGroup(f"eval{k}", [str(i) for i in range(4)], t) for k, t in enumerate(eval_chains)]
     base_kernels = step_kernels(policy, eval_groups)
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--groups-per-update", type=int, default=5)
     parser.add_argument("--eval", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--learning-rate", type=float, default=None, help="override UpdateConfig's default")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -2,9 +2,8 @@
 
 Rows live in SQL through SQLAlchemy: by default ``<workdir>/workbench.db``, SQLite in WAL mode so
 that many browser sessions read while one writes; any SQLAlchemy URL (PostgreSQL for a shared box)
-by option. Images and trajectories are bytes in a content-addressed folder, ``<workdir>/blobs/ab/
-cdef...`` named by their SHA-256: the same image stored twice takes one file, a file's name proves
-its content, and the rows stay small.
+by option. Images and trajectories are bytes in a content-addressed folder (``data.blobs``,
+``<workdir>/blobs``): rows hold their SHA-256 digests, ``store.blobs.get(digest)`` gives the bytes.
 
 Decisions, and why:
 
@@ -23,10 +22,6 @@ Decisions, and why:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import tempfile
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,12 +32,12 @@ from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, cre
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship, sessionmaker
 
+from data.blobs import BlobStore
 from data.modalities import modality_of_prompt
 
 ROLES = ("expert", "admin")
 LEVELS = (1, 2, 3)
 RATINGS = (1, 2, 3)
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreError(ValueError):
@@ -162,8 +157,7 @@ class NewCandidate:
 class Store:
     def __init__(self, workdir: str | Path, url: str | None = None):
         self.workdir = Path(workdir)
-        self.blobs = self.workdir / "blobs"
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.workdir / "blobs")
         self.engine = create_engine(url or f"sqlite:///{self.workdir / 'workbench.db'}")
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -172,38 +166,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    # Blobs ----------------------------------------------------------------------------------------
-
-    def put_blob(self, content: bytes) -> str:
-        """Store bytes once under their SHA-256 and return it; written to a temp file, then renamed into place."""
-        digest = hashlib.sha256(content).hexdigest()
-        path = self._blob_path(digest)
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(content)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temp, path)
-            except BaseException:
-                Path(temp).unlink(missing_ok=True)
-                raise
-        return digest
-
-    def get_blob(self, digest: str) -> bytes:
-        path = self._blob_path(digest)
-        if not path.exists():
-            raise StoreError(f"blob {digest} is not in {self.blobs}")
-        return path.read_bytes()
-
-    def _blob_path(self, digest: str) -> Path:
-        """The file for a digest; only 64 lowercase hex digits pass, so no digest can name a path outside."""
-        if not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
-            raise StoreError(f"{digest!r} is not a blob digest (64 lowercase hex digits of SHA-256)")
-        return self.blobs / digest[:2] / digest[2:]
 
     # Experts --------------------------------------------------------------------------------------
 
@@ -231,8 +193,8 @@ class Store:
         group_id = uuid.uuid4().hex[:12]
         rows = [
             Candidate(id=f"{group_id}-c{k}", position=k, seed=c.seed,
-                      image=self.put_blob(c.image),
-                      trajectory=None if c.trajectory is None else self.put_blob(c.trajectory),
+                      image=self.blobs.put(c.image),
+                      trajectory=None if c.trajectory is None else self.blobs.put(c.trajectory),
                       passed=bool(c.passed), quality=c.quality, modality=dict(c.modality), reasons=list(c.reasons))
             for k, c in enumerate(candidates)
         ]

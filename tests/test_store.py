@@ -7,6 +7,7 @@ import threading
 import pytest
 from sqlalchemy import text
 
+from data.blobs import BlobError
 from data.store import NewCandidate, Store, StoreError
 
 PROMPT = "OCT: retinal layers with subretinal fluid"
@@ -47,30 +48,30 @@ def test_group_round_trips_with_its_candidates_and_blobs(store):
     rejected = group["candidates"][2]
     assert (rejected["passed"], rejected["seed"], rejected["reasons"]) == (False, 2, ["quality 0.30 < 0.50"])
     assert rejected["modality"] == {"OCT": 0.9, "CT": 0.1} and rejected["quality"] == pytest.approx(0.3)
-    assert store.get_blob(rejected["image"]) == b"png-2" and store.get_blob(rejected["trajectory"]) == b"chain-2"
+    assert store.blobs.get(rejected["image"]) == b"png-2" and store.blobs.get(rejected["trajectory"]) == b"chain-2"
     assert json.loads(json.dumps(group)) == group  # JSON-ready for the HTTP API
     with pytest.raises(StoreError, match="unknown group 'nope'"):
         store.get_group("nope")
 
 
 def test_blobs_are_content_addressed_and_stored_once(store):
-    digest = store.put_blob(b"same bytes")
+    digest = store.blobs.put(b"same bytes")
     assert digest == hashlib.sha256(b"same bytes").hexdigest()
-    assert store.put_blob(b"same bytes") == digest
-    assert store.blobs.joinpath(digest[:2], digest[2:]).read_bytes() == b"same bytes"
-    files = [p for p in store.blobs.rglob("*") if p.is_file()]
+    assert store.blobs.put(b"same bytes") == digest
+    assert store.blobs.root.joinpath(digest[:2], digest[2:]).read_bytes() == b"same bytes"
+    files = [p for p in store.blobs.root.rglob("*") if p.is_file()]
     assert len(files) == 1  # one file, no temp left behind
 
 
 @pytest.mark.parametrize("digest", ["../../workbench.db", "AB" * 32, "a" * 63, "../" + "a" * 61, None])
 def test_a_malformed_digest_is_refused(store, digest):
-    with pytest.raises(StoreError, match="not a blob digest"):
-        store.get_blob(digest)
+    with pytest.raises(BlobError, match="not a blob digest"):
+        store.blobs.get(digest)
 
 
 def test_a_missing_blob_is_named(store):
-    with pytest.raises(StoreError, match="f" * 64):
-        store.get_blob("f" * 64)
+    with pytest.raises(BlobError, match="f" * 64):
+        store.blobs.get("f" * 64)
 
 
 def test_a_ranking_must_rank_exactly_the_survivors(store):
@@ -121,7 +122,7 @@ def test_a_restart_loses_nothing(tmp_path):
     assert (reopened.get_group(pending), reopened.get_group(ranked), reopened.rankings()) == before
     assert reopened.get_group(pending)["status"] == "pending"
     assert reopened.next_group_for("alice")["id"] == pending
-    assert reopened.get_blob(before[0]["candidates"][0]["image"]) == b"png-0"
+    assert reopened.blobs.get(before[0]["candidates"][0]["image"]) == b"png-0"
     reopened.close()
 
 

@@ -148,6 +148,9 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
         policy.load_lora_state_dict(previous)
         kept = policy.version or "the base model"
         return UpdateResult(False, None, {"steps": history}, f"update refused: {refusal}; {kept} stays current")
+    except BaseException:  # out of memory, interrupted ...: the weights go back before the error goes on
+        policy.load_lora_state_dict(previous)
+        raise
     summary = {
         "algorithm": config.algorithm,
         "groups": [g.id for g in groups],

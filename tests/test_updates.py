@@ -152,3 +152,19 @@ def test_metrics_without_gradients_match_the_training_pass(fresh, drawn):
     assert grpo["ratio_min"] == grpo["ratio_max"] == 1.0 and grpo["clip_fraction"] == 0.0
     assert dpo["pairs"] == 5 and dpo["loss"] == pytest.approx(math.log(2))
 
+
+
+def test_an_error_mid_update_restores_the_weights_before_it_propagates(fresh, drawn, monkeypatch, tmp_path):
+    weights = fresh.lora_state_dict()
+    real_step, calls = optim.update.grpo_step, []
+
+    def failing(*args, **kwargs):  # out of memory in the second optimizer step, after one step was taken
+        calls.append(1)
+        if len(calls) > FAST["steps"]:
+            raise RuntimeError("out of memory")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(optim.update, "grpo_step", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        apply_update(fresh, VersionStore(tmp_path / "versions"), [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3))
+    assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())

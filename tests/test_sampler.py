@@ -43,6 +43,8 @@ def test_draws_batches_until_enough_pass_and_keeps_their_chains(policy):
     assert torch.allclose(result.trajectory.latents, alone.trajectory.latents, atol=1e-3)
     assert np.abs(np.asarray(result.survivors[2].image, float) - np.asarray(alone.images[2], float)).max() <= 2
     assert selector.shown_prompts == [PROMPT] * 3
+    # joined from three draws, the group is re-scored in its own layout: GRPO's ratio starts at exactly 1
+    assert torch.equal(policy.log_probs(result.trajectory), result.trajectory.log_probs)
 
 
 def test_first_batch_is_the_plain_group_of_that_seed(policy):

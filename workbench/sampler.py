@@ -5,8 +5,8 @@ Here a candidate reaches the expert only on the selector's verdict, which sees t
 prompt and nothing else; nothing is ever added to make up the number. At the budget the sampler
 returns the survivors it has (possibly none) and says so plainly.
 
-When the survivors come from several batches, their chains are joined and re-scored once as one
-batch, so that GRPO's ratio, which re-scores the group in that layout, is exactly 1 before any
+Unless the survivors are exactly one draw as it was drawn, their chains are joined and re-scored once
+as one batch, so that GRPO's ratio, which re-scores the group in that layout, is exactly 1 before any
 update (matrix products give last-bit differences across batch layouts).
 
 Candidate seeds come from one stream per group seed (``optim.policy.candidate_seeds``), taken in
@@ -93,6 +93,7 @@ class RejectionSampler:
         rejected: list[Candidate] = []
         chains: list[Trajectory] = []
         drawn = passed = 0
+        whole_batch = False
         while len(kept) < wanted and drawn < budget:
             batch_seeds = seeds[drawn : drawn + min(self.config.batch_size, budget - drawn)]
             samples = self.policy.sample(prompt, seeds=batch_seeds, steps=steps, guidance=guidance, eta=eta)
@@ -109,9 +110,10 @@ class RejectionSampler:
                     keep_rows.append(row)
             if keep_rows:
                 chains.append(samples.trajectory.select(keep_rows))
+            whole_batch = len(chains) == 1 and len(keep_rows) == len(batch_seeds)  # survivors = one draw, as drawn
             drawn += len(batch_seeds)
         trajectory = Trajectory.join(chains) if chains else None
-        if len(chains) > 1:
+        if trajectory is not None and not whole_batch:
             # Re-scored as one batch: numerically a different layout from the draws, and the ratio
             # before any update must be exactly 1 when GRPO re-scores the group in this layout.
             trajectory.log_probs = self.policy.log_probs(trajectory)

@@ -38,7 +38,7 @@ class UpdateConfig:
     optimizer_steps: int = 4  # K
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    kl_budget: float = 1.0  # largest mean step-kernel KL from the previous version
+    kl_budget: float = 1e-3  # largest mean step-kernel KL from the previous version (defaults move ~1e-5 per update)
     seed: int = 0  # DPO's timesteps and noise
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

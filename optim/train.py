@@ -16,6 +16,9 @@ parquet) and ``label_0``, ``label_1`` (1/0, or 0.5/0.5 for a tie). Ties are DROP
 does (the diffusers example silently lets image 0 win them): a tie says neither image is better, so it
 gives no pair. How many were dropped is printed. Images stay encoded, memory-mapped, until a batch needs them.
 
+A ratings CSV (``image_path,rating,modality,expert_level,prompt``, ``--data RATINGS.csv``) also
+gives DPO pairs: within each prompt, the image with the higher level-weighted mean rating wins.
+
 Two stages (``--two-stage``): stage 1 trains on every pair; stage 2 only on pairs whose BOTH images the
 selector passes against the caption, so the last epochs learn from images an expert would accept.
 
@@ -36,6 +39,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -43,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -50,6 +55,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from data.images import read_image, to_display
+from data.ratings import read_ratings
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.policy import ModelLoadError, Policy
@@ -87,7 +94,7 @@ class TrainConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.algorithm == "dpo" and not self.data:
-            raise ValueError("--algorithm dpo needs --data FILE.parquet (Pick-a-Pic format)")
+            raise ValueError("--algorithm dpo needs --data FILE.parquet (Pick-a-Pic format) or --data RATINGS.csv")
         if self.algorithm == "grpo" and not self.prompts:
             raise ValueError("--algorithm grpo needs --prompts FILE.txt (one prompt a line)")
         if self.two_stage and self.algorithm != "dpo":
@@ -129,6 +136,47 @@ class PickAPicPairs(Dataset):
         return winner_image, loser_image, self.table["caption"][row].as_py()
 
 
+class RatingsPairs(Dataset):
+    """``(winner image, loser image, prompt)`` from an experts' ratings CSV (``data.ratings``).
+
+    Within each prompt, every two images whose scores differ make a pair, the better one winning. An
+    image's score is the level-weighted mean of its normalised ratings (the expert level weights,
+    as everywhere). Equal scores are ties and are dropped, as Pick-a-Pic's are. Rows the CSV check
+    refuses are reported (``report``) and left out; the good rows still train.
+    """
+
+    def __init__(self, path: str | Path):
+        ratings = read_ratings(path)
+        self.report = ratings.report()
+        rows = ratings.rows.assign(weighted=ratings.rows["score"] * ratings.rows["expert_level"])
+        totals = rows.groupby(["prompt", "path"])[["weighted", "expert_level"]].sum()
+        scores = totals["weighted"] / totals["expert_level"]
+        self.rows, self.ties = [], 0
+        for prompt, images in scores.groupby(level="prompt"):
+            for ((_, first), a), ((_, second), b) in itertools.combinations(images.items(), 2):
+                if a == b:
+                    self.ties += 1
+                else:
+                    self.rows.append((first, second, prompt) if a > b else (second, first, prompt))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str]:
+        winner, loser, prompt = self.rows[index]
+        return display_image(winner), display_image(loser), prompt
+
+
+def display_image(path: Path) -> Image.Image:
+    """A PNG or DICOM file as the 8-bit grey image an expert saw (its window applied), for the VAE."""
+    return Image.fromarray(np.rint(to_display(read_image(path)) * 255).astype(np.uint8))
+
+
+def preference_pairs(path: str | Path) -> Dataset:
+    """Pairs from a Pick-a-Pic parquet file or, for a ``.csv``, from a ratings CSV."""
+    return RatingsPairs(path) if Path(path).suffix.lower() == ".csv" else PickAPicPairs(path)
+
+
 def collate_pairs(batch: list[tuple]) -> tuple[list, list, list]:
     """Winners, losers and captions as lists: the policy encodes PIL images itself."""
     return tuple(list(column) for column in zip(*batch))
@@ -147,7 +195,7 @@ def selector_rewards(selector: Selector, images: list[Image.Image], prompt: str)
     return torch.tensor([v.quality if v.passed else 0.0 for v in selector.judge(images, prompt=prompt)])
 
 
-def selector_passed(accelerator: Accelerator, selector: Selector, pairs: PickAPicPairs) -> list[int]:
+def selector_passed(accelerator: Accelerator, selector: Selector, pairs: Dataset) -> list[int]:
     """Indices of the pairs whose both images the selector passes against the caption, judged in shards."""
     with accelerator.split_between_processes(list(range(len(pairs)))) as mine:
         kept = []
@@ -294,7 +342,7 @@ def train(config: TrainConfig) -> Path:
     config.check()
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user set WANDB_MODE
-    data = read_prompts(config.prompts) if config.algorithm == "grpo" else PickAPicPairs(config.data)  # fail before loading
+    data = read_prompts(config.prompts) if config.algorithm == "grpo" else preference_pairs(config.data)  # fail before loading
     if not len(data):
         raise ValueError(f"{config.data} has no decided pair to learn from: every row is a tie")
     trainer = Trainer(config)
@@ -304,7 +352,10 @@ def train(config: TrainConfig) -> Path:
         say(f"{config.prompts}: {len(data)} prompts, groups of {config.group_size}")
         trainer.fit(data, list, trainer.grpo_backward, stage=1)
     else:
-        say(f"{config.data}: {len(data) + data.ties} rows, {data.ties} ties dropped, {len(data)} pairs")
+        if isinstance(data, RatingsPairs):
+            say(f"{config.data}: {data.report}; {len(data)} pairs within prompts, {data.ties} ties dropped")
+        else:
+            say(f"{config.data}: {len(data) + data.ties} rows, {data.ties} ties dropped, {len(data)} pairs")
         say(f"stage 1: {len(data)} pairs")
         trainer.fit(data, collate_pairs, trainer.dpo_backward, stage=1)
         if config.two_stage:
@@ -323,7 +374,7 @@ def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
     parser = argparse.ArgumentParser(prog="accelerate launch -m optim.train", description=__doc__.split("\n")[0])
     parser.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm)
-    parser.add_argument("--data", help="Pick-a-Pic-format parquet file (dpo)")
+    parser.add_argument("--data", help="Pick-a-Pic-format parquet file, or a ratings CSV (dpo)")
     parser.add_argument("--prompts", help="text file, one prompt a line (grpo)")
     parser.add_argument("--model", help="local diffusers folder (default: the embedded model)")
     parser.add_argument("--out", default=d.out, help=f"checkpoint root (default {d.out})")

@@ -151,3 +151,25 @@ def test_two_processes_shard_the_data_and_end_with_identical_weights(tmp_path):
     assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
     assert meta["replica_digests"][0] == lora_digest(weights) and adapters_moved(weights)
     assert "2 process(es) on cpu" in done.stdout and "all processes agree" in done.stdout
+
+
+def test_ratings_csv_gives_pairs_within_each_prompt_by_level_weighted_score(tmp_path, capsys):
+    from data.images import write_png
+    from data.ratings import write_ratings
+    from optim.train import RatingsPairs
+
+    prompt, other = "CT: axial slice of the abdomen", "MRI: axial brain"
+    for name, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
+        write_png(tmp_path / f"{name}.png", make_phantom("CT" if name != "d" else "MRI", seed).image)
+    rows = [("a.png", 3, 3, prompt), ("b.png", 1, 1, prompt), ("b.png", 3, 1, prompt), ("c.png", 2, 2, prompt),
+            ("d.png", 3, 1, other), ("../escape.png", 3, 1, prompt)]
+    csv = write_ratings([{"image_path": p, "rating": r, "modality": "CT", "expert_level": lvl, "prompt": q}
+                         for p, r, lvl, q in rows], tmp_path / "ratings.csv")
+    pairs = RatingsPairs(csv)
+    # scores: a 1.0; b (0 x 1 + 1 x 1) / 2 = 0.5; c 0.5; d alone under its prompt
+    assert [(Path(w).name, Path(l).name) for w, l, _ in pairs.rows] == [("a.png", "b.png"), ("a.png", "c.png")]
+    assert pairs.ties == 1 and "row 7: image_path: outside the data root" in pairs.report
+    winner, loser, caption = pairs[0]
+    assert caption == prompt and winner.size == (64, 64) and winner.mode == "L"
+    train(TrainConfig(data=str(csv), out=str(tmp_path / "runs"), batch_size=2, report_to="none", dpo=FAST_DPO))
+    assert "2 pairs within prompts, 1 ties dropped" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optim.policy import Trajectory
+from optim.trajectory import Trajectory
 from optim.rewards import Ranking, combined_rewards, validate_ranking, weighted_pairs
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from optim.logprob import gaussian_kl
-from optim.policy import Policy, Trajectory
+from optim.policy import Policy
+from optim.trajectory import Trajectory
 
 SCALES = ("group", "batch", "none")
 

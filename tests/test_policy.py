@@ -122,3 +122,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code = main(["sample", "--prompt", "CT: axial", "--out", str(tmp_path), "--version", "v9", "--workdir", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: unknown version 'v9'; known versions: none"
+
+
+def test_trajectory_round_trips_through_bytes_and_rescores_exactly(policy):
+    from optim.trajectory import Trajectory
+
+    trajectory = policy.sample(PROMPT, n=2, seed=4, **FAST).trajectory
+    data = trajectory.to_bytes()
+    assert b"__metadata__" in data[:4096] and not data.startswith(b"\x80")  # safetensors, not a pickle
+    back = Trajectory.from_bytes(data)
+    assert (back.prompt, back.seeds, back.settings) == (trajectory.prompt, trajectory.seeds, trajectory.settings)
+    for name in ("timesteps", "latents", "log_probs", "prompt_embeds", "negative_embeds"):
+        assert torch.equal(getattr(back, name), getattr(trajectory, name))
+    assert torch.equal(policy.log_probs(back), back.log_probs)  # a stored group's ratio starts at exactly 1

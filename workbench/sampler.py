@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from optim.policy import Policy, Trajectory, candidate_seeds
+from optim.policy import Policy, candidate_seeds
+from optim.trajectory import Trajectory
 from optim.selector import Selector, Verdict
 
 

@@ -1,1 +1,5 @@
-"""The product people touch: the control room's page and, later, its rounds of ranking."""
+"""The product people touch: the control room (``ControlRoom``), its page, the sampler and the selector's CLI."""
+
+from workbench.room import ControlRoom, RoomConfig
+
+__all__ = ["ControlRoom", "RoomConfig"]

@@ -56,3 +56,14 @@ def test_a_round_from_generate_to_export_and_a_restart_that_loses_nothing(tmp_pa
     assert [r["tiers"] for r in again.store.rankings(group.id)] == [[[c], [a, b]]]
     # back on the weights that drew the group: its stored chains re-score to a ratio of exactly 1 again
     assert [x["ratio"] for x in again.losses(group.id)["grpo"]["candidates"]] == [1.0, 1.0, 1.0]
+
+
+def test_a_group_with_no_survivor_is_stored_and_says_why(tmp_path):
+    room = ControlRoom(workdir=tmp_path, config=CONFIG)
+    room.sampler.selector.config.quality_threshold = 1.01  # nothing can pass
+    group = room.generate(PROMPT, seed=3)
+    assert group.survivors == [] and len(group.rejected) == 6
+    assert group.message.startswith("only 0 of the 3 wanted candidates passed the selector: the budget of 6 draws is spent")
+    assert all(r.reasons[-1].endswith("below 1.01") for r in group.rejected)
+    with pytest.raises(ValueError, match=f"group {group.id} has no candidate that passed the selector"):
+        room.losses(group.id)

@@ -174,6 +174,8 @@ class ControlRoom:
     def _ranked_group(self, group_id: str) -> RankedGroup:
         group = self.store.get_group(group_id)
         survivors = [c for c in group["candidates"] if c["passed"]]
+        if not survivors:
+            raise ValueError(f"group {group_id} has no candidate that passed the selector: nothing to rank or learn from")
         chains = Trajectory.join([Trajectory.from_bytes(self.store.blobs.get(c["trajectory"])) for c in survivors])
         rankings = [(r["tiers"], r["level"]) for r in self.store.rankings(group_id) if not r["skipped"]]
         return RankedGroup(group_id, [c["id"] for c in survivors], chains, rankings)

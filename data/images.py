@@ -41,6 +41,11 @@ CT_WINDOWS = {"soft tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (4
 #: ITU-R BT.601 luma weights, as PIL's "L" conversion uses: colour files become gray like PNGs do.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3 or 4) colour values to float32 grey with the ITU-R 601 weights (alpha ignored)."""
+    return rgb[..., :3].astype(np.float32) @ _LUMA
+
 #: Secondary Capture stores 12-bit values (0..4095) in 16-bit words, the usual depth of CT and MR.
 _SC_LEVELS = 4095
 
@@ -94,7 +99,7 @@ def _read_dicom(path: Path) -> MedicalImage:
     if photometric == "PALETTE COLOR":
         raw = apply_color_lut(raw, dataset)  # palette indices to RGB through the file's tables
     if raw.ndim == 3:  # colour: gray in the stored units; windows and VOI LUTs are for monochrome
-        return MedicalImage(raw[..., :3].astype(np.float32) @ _LUMA, None, modality, path)
+        return MedicalImage(rgb_to_gray(raw), None, modality, path)
     pixels = np.asarray(apply_modality_lut(raw, dataset), dtype=np.float32)
     return MedicalImage(pixels, _file_window(dataset), modality, path, _voi_lut(dataset), photometric == "MONOCHROME1")
 
@@ -195,11 +200,15 @@ def write_png(path: str | Path, pixels01: np.ndarray, bits: int = 8) -> Path:
     """Save [0, 1] pixels as an 8- or 16-bit grayscale PNG (16 keeps fine steps 8 would band)."""
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    levels = np.rint(_unit_image(pixels01) * (2**bits - 1)).astype(np.uint8 if bits == 8 else np.uint16)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(levels).save(path)
+    unit_to_pil(pixels01, bits).save(path)
     return path
+
+
+def unit_to_pil(pixels01: np.ndarray, bits: int = 8) -> Image.Image:
+    """[0, 1] pixels as an 8- or 16-bit grey PIL image (what an expert sees, what a VAE encodes)."""
+    return Image.fromarray(np.rint(_unit_image(pixels01) * (2**bits - 1)).astype(np.uint8 if bits == 8 else np.uint16))
 
 
 def write_secondary_capture(

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data.images import MedicalImage, to_display
+from data.images import MedicalImage, rgb_to_gray, to_display
 from data.modalities import MODALITIES, MODALITY_NAMES, canonical_modality, modality_of_prompt
 
 DEFAULT_SELECTOR = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "selector"
@@ -98,7 +98,7 @@ def as_unit_array(image) -> np.ndarray:
         return np.asarray(image, dtype=np.float32) / scale
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
-        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        array = rgb_to_gray(array)
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if array.dtype == np.uint16:

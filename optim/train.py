@@ -47,7 +47,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -55,7 +54,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from data.images import read_image, to_display
+from data.images import read_image, to_display, unit_to_pil
 from data.ratings import read_ratings
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
@@ -169,7 +168,7 @@ class RatingsPairs(Dataset):
 
 def display_image(path: Path) -> Image.Image:
     """A PNG or DICOM file as the 8-bit grey image an expert saw (its window applied), for the VAE."""
-    return Image.fromarray(np.rint(to_display(read_image(path)) * 255).astype(np.uint8))
+    return unit_to_pil(to_display(read_image(path)))
 
 
 def preference_pairs(path: str | Path) -> Dataset:

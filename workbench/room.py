@@ -143,12 +143,15 @@ class ControlRoom:
     def sample(self, prompt: str, n: int = 4, seed: int = 0, version: str | None = None) -> list[Image.Image]:
         """Plain samples (no selector) from any version, the current one by default; the current stays current."""
         c = self.config
+        settings = dict(n=n, seed=seed, steps=c.steps, guidance=c.guidance, eta=c.eta)
         with self.model_lock:
-            current, weights = self.policy.version, self.policy.lora_state_dict()
+            current = self.policy.version
+            if version is None or version == current:
+                return self.policy.sample(prompt, **settings).images
+            weights = self.policy.lora_state_dict()
             try:
-                if version is not None and version != current:
-                    self.policy.use_version(self.version_store, version)
-                return self.policy.sample(prompt, n=n, seed=seed, steps=c.steps, guidance=c.guidance, eta=c.eta).images
+                self.policy.use_version(self.version_store, version)
+                return self.policy.sample(prompt, **settings).images
             finally:
                 self.policy.load_lora_state_dict(weights)
                 self.policy.version = current

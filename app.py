@@ -1,34 +1,44 @@
-"""Serve the control room: ``python app.py`` on the embedded default model, or ``--model PATH``."""
+"""Serve the control room: ``python app.py`` on the embedded default model, or ``--model PATH``.
+
+``--auth users.yaml`` turns on logins (make the file with ``python -m workbench.auth add-user``);
+without it the page runs in local single-user mode and asks for a name.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from optim.policy import ModelLoadError, Policy
+from optim.policy import ModelLoadError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Serve the medical preference workbench.")
     parser.add_argument("--model", default=None, help="local diffusers folder (default: the embedded model)")
+    parser.add_argument("--selector", default=None, help="selector folder (default: the embedded selector)")
+    parser.add_argument("--workdir", default="runs/demo", help="where the store, blobs and versions live")
+    parser.add_argument("--store-url", default=None, help="SQLAlchemy URL (default: SQLite in the work directory)")
+    parser.add_argument("--auth", default=None, metavar="USERS_YAML",
+                        help="accounts file: experts log in, only admins update or roll back")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a shared box)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
+
+    from workbench.api import RoomAPI
+    from workbench.auth import Users, UsersFileError
+    from workbench.room import ControlRoom
+    from workbench.ui import serve
+
     try:
-        policy = Policy.load(args.model)
-    except ModelLoadError as error:
+        users = None if args.auth is None else Users(args.auth)
+        room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
+                           auto_register=users is None)
+    except (ModelLoadError, UsersFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from workbench.ui import build_page
-
-    page = build_page(policy)
-    page.queue().launch(
-        server_name=args.host,
-        server_port=args.port,
-        enable_monitoring=False,
-        run_history=False,
-        show_error=True,
-    )
+    if users is None and args.host not in ("127.0.0.1", "localhost"):
+        print("warning: no --auth: anyone who can reach this address can rank, update and roll back", file=sys.stderr)
+    serve(RoomAPI(room, users), host=args.host, port=args.port)
     return 0
 
 

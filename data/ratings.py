@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -81,6 +82,28 @@ class Ratings:
             return f"{len(self.rows)} rows usable, none rejected"
         lines = [f"{len(self.rows)} rows usable, {rejected} rejected:"]
         return "\n".join(lines + [f"  {error}" for error in self.errors])
+
+
+def unpack_ratings_archive(archive: str | Path, folder: str | Path) -> Path:
+    """Unpack a zip holding one ratings CSV and its images into ``folder``; returns the CSV's path.
+
+    This is how a browser uploads a ratings file with its images. Entries that would land outside
+    ``folder`` (absolute paths, ``..``) refuse the whole archive before anything is written.
+    """
+    archive, folder = Path(archive), Path(folder).resolve()
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for name in zipped.namelist():
+                if not (folder / name).resolve().is_relative_to(folder):
+                    raise RatingsFileError(f"{archive.name}: entry {name!r} would unpack outside the archive's folder")
+            zipped.extractall(folder)
+    except zipfile.BadZipFile as error:
+        raise RatingsFileError(f"{archive.name}: not a readable zip archive ({error})") from None
+    csvs = sorted(p for p in folder.rglob("*.csv") if not p.name.startswith("."))
+    if len(csvs) != 1:
+        found = ", ".join(str(p.relative_to(folder)) for p in csvs) or "none"
+        raise RatingsFileError(f"{archive.name}: expected exactly one .csv file in the archive, found {found}")
+    return csvs[0]
 
 
 def read_ratings(

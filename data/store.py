@@ -141,6 +141,40 @@ class UpdateGroup(Base):
     group_id: Mapped[str] = mapped_column(ForeignKey("groups.id"), primary_key=True, index=True)
 
 
+class ImportedRating(Base):
+    """A row of an imported ratings CSV. The image is kept as the PNG the expert saw, never as the
+    source file: an imported DICOM's patient tags do not enter the store, so no export can leak them."""
+
+    __tablename__ = "imported_ratings"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image: Mapped[str] = mapped_column(String(64))  # blob digest of the PNG rendering
+    rating: Mapped[float]
+    modality: Mapped[str] = mapped_column(String(8))
+    level: Mapped[int]
+    prompt: Mapped[str]
+    source: Mapped[str]  # the file name and row, e.g. "ratings.csv row 7"
+    imported_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class Setting(Base):
+    """Settings an admin changes in the page (the overlap share), kept across restarts."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON)
+
+
+@dataclass
+class NewImportedRating:
+    image: bytes  # PNG
+    rating: float
+    modality: str
+    level: int
+    prompt: str
+    source: str
+
+
 @dataclass
 class NewCandidate:
     """A candidate as the sampler hands it over: its bytes go to blobs, the rows keep their digests."""
@@ -177,6 +211,19 @@ class Store:
                 s.add(expert := Expert(name=name, role=role, level=level))
         except IntegrityError:
             raise StoreError(f"expert {name!r} already exists") from None
+        return _row(expert)
+
+    def set_expert(self, name: str, role: str = "expert", level: int = 1) -> dict:
+        """Add the expert, or bring their role and level up to date (the accounts file changed)."""
+        if role not in ROLES or level not in LEVELS:
+            raise StoreError(f"expert {name!r}: role must be one of {ROLES} and level one of {LEVELS}")
+        try:
+            with self._session.begin() as s:
+                expert = s.scalars(select(Expert).where(Expert.name == name)).first() or Expert(name=name)
+                expert.role, expert.level = role, level
+                s.add(expert)
+        except IntegrityError:  # another session added the name just now: update theirs
+            return self.set_expert(name, role, level)
         return _row(expert)
 
     def get_expert(self, name: str) -> dict:
@@ -266,6 +313,32 @@ class Store:
         with self._session() as s:
             return [_row(r, expert=name) for r, name in s.execute(query)]
 
+    # Imported ratings -----------------------------------------------------------------------------
+
+    def add_imported_ratings(self, rows: list[NewImportedRating], imported_by: str) -> int:
+        """Store the good rows of an imported ratings file, all in one transaction; returns how many."""
+        records = [ImportedRating(image=self.blobs.put(r.image), rating=float(r.rating), modality=r.modality,
+                                  level=int(r.level), prompt=r.prompt, source=r.source, imported_by=imported_by)
+                   for r in rows]
+        with self._session.begin() as s:
+            s.add_all(records)
+        return len(records)
+
+    def imported_ratings(self) -> list[dict]:
+        with self._session() as s:
+            return [_row(r) for r in s.scalars(select(ImportedRating).order_by(ImportedRating.id))]
+
+    # Settings -------------------------------------------------------------------------------------
+
+    def get_setting(self, key: str, default=None):
+        with self._session() as s:
+            row = s.get(Setting, key)
+            return default if row is None else row.value["value"]
+
+    def set_setting(self, key: str, value) -> None:
+        with self._session.begin() as s:
+            s.merge(Setting(key=key, value={"value": value}))
+
     # Versions and updates -------------------------------------------------------------------------
 
     def record_version(self, version_id: str, parent: str | None, algorithm: str | None,
@@ -303,9 +376,11 @@ class Store:
             return [_row(u, groups=[g for i, g in links if i == u.id]) for u in s.scalars(select(Update).order_by(Update.id))]
 
     def counts(self) -> dict:
-        """Groups per status and per modality (read from the prompt's prefix), rankings and skips per expert."""
+        """Groups per status and per modality (read from the prompt's prefix), rankings and skips per
+        expert, and imported ratings per modality."""
         with self._session() as s:
             groups = s.execute(select(Group.prompt, Group.ranked_by >= Group.wanted_rankings)).all()
+            imported = s.execute(select(ImportedRating.modality, func.count()).group_by(ImportedRating.modality)).all()
             answers = s.execute(
                 select(Expert.name, Ranking.skipped, func.count()).join(Ranking).group_by(Expert.name, Ranking.skipped)
             ).all()
@@ -315,7 +390,25 @@ class Store:
             experts.setdefault(name, {"rankings": 0, "skipped": 0})["skipped" if skipped else "rankings"] += n
         ranked = sum(1 for _, done in groups if done)
         return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked,
-                "per_modality": dict(modalities), "per_expert": experts}
+                "per_modality": dict(modalities), "per_expert": experts, "imported_per_modality": dict(imported)}
+
+    def version_summary(self) -> dict[str, dict]:
+        """Per model version, what its groups scored: mean selector quality of the survivors, and the
+        experts' mean 1-3 rating and how many ratings (absolute measures, unlike ranks, which are relative)."""
+        with self._session() as s:
+            quality = s.execute(select(Group.version, func.avg(Candidate.quality), func.count())
+                                .join(Candidate).where(Candidate.passed.is_(True)).group_by(Group.version)).all()
+            ratings = s.execute(select(Group.version, Ranking.ratings).join(Ranking)
+                                .where(Ranking.skipped.is_(False))).all()
+        summary = {version: {"quality": mean, "survivors": n, "rating": None, "ratings": 0} for version, mean, n in quality}
+        given: dict[str, list[int]] = {}
+        for version, values in ratings:
+            given.setdefault(version, []).extend((values or {}).values())
+        for version, values in given.items():
+            if values:
+                entry = summary.setdefault(version, {"quality": None, "survivors": 0})
+                entry.update(rating=sum(values) / len(values), ratings=len(values))
+        return summary
 
     # Lookups with clear errors --------------------------------------------------------------------
 

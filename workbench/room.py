@@ -9,16 +9,21 @@ exports. The page (``workbench/ui.py``) and the HTTP API are thin layers over th
   store and never wait for it.
 - A group is stored with its candidates' images, verdicts and chains before ``generate`` returns,
   so a restart loses nothing; a ranking is stored before ``rank`` returns.
+- The overlap share (a setting kept in the store) sends that share of new groups to two experts,
+  spread evenly: group i wants two rankings when floor((i+1)s) > floor(is).
 - Candidates are handed out blind: ids and images, with the selector's scores only for the page's
   rejected list. The survivors' order is the drawing order; the page shuffles what it shows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
+import math
 import secrets
+import statistics
+import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -26,8 +31,11 @@ from pathlib import Path
 from PIL import Image
 
 from data.export import CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
+from data.images import read_image, to_display, unit_to_pil
 from data.modalities import modality_of_prompt
-from data.store import NewCandidate, Store, StoreError
+from data.ratings import read_ratings, unpack_ratings_archive
+from data.store import NewCandidate, NewImportedRating, Store, StoreError
+from optim.agreement import agreement
 from optim.groups import RankedGroup
 from optim.losses import group_losses
 from optim.policy import Policy
@@ -47,7 +55,6 @@ class RoomConfig:
     steps: int = 20
     guidance: float = 5.0
     eta: float = 1.0
-    wanted_rankings: int = 1  # 2 sends every group to two experts (agreement)
     update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
@@ -91,11 +98,15 @@ class ControlRoom:
 
     # ------------------------------------------------------------------ a round
 
-    def generate(self, prompt: str, n: int | None = None, seed: int = 0) -> RoomGroup:
-        """Draw until ``n`` candidates pass the selector (or the budget is spent); store the group."""
+    def generate(self, prompt: str, n: int | None = None, seed: int = 0,
+                 on_batch: Callable[[int, int, int], None] | None = None) -> RoomGroup:
+        """Draw until ``n`` candidates pass the selector (or the budget is spent); store the group.
+
+        ``on_batch(drawn, kept, budget)`` reports progress after each batch (the page's progress bar).
+        """
         c = self.config
         with self.model_lock:
-            result = self.sampler.draw(prompt, seed, n, steps=c.steps, guidance=c.guidance, eta=c.eta)
+            result = self.sampler.draw(prompt, seed, n, steps=c.steps, guidance=c.guidance, eta=c.eta, on_batch=on_batch)
             version = self.policy.version
         chains = result.trajectory
         stored = [NewCandidate(_png(k.image), True, k.seed, k.verdict.quality, k.verdict.modality_probabilities,
@@ -103,36 +114,44 @@ class ControlRoom:
         stored += [NewCandidate(_png(k.image), False, k.seed, k.verdict.quality, k.verdict.modality_probabilities,
                                 k.verdict.reasons) for k in result.rejected]
         group_id = self.store.add_group(prompt, version, [k.seed for k in result.survivors + result.rejected],
-                                        {"steps": c.steps, "guidance": c.guidance, "eta": c.eta}, stored, c.wanted_rankings)
+                                        {"steps": c.steps, "guidance": c.guidance, "eta": c.eta}, stored,
+                                        self._wanted_rankings())
         return self._room_group(self.store.get_group(group_id), result.message())
 
     def rank(self, group_id: str, tiers: list, expert: str, ratings: dict | None = None, skipped: bool = False,
-             seconds: float | None = None) -> dict:
-        """Store one expert's ranking (tiers best first, a tier holds ties) or skip of a group."""
+             seconds: float | None = None, level: int | None = None) -> dict:
+        """Store one expert's ranking (tiers best first, a tier holds ties) or skip of a group.
+
+        ``level`` (1-3) weights the vote; by default the expert's level in the store. In local mode
+        (``auto_register``) an unknown name is added at that level.
+        """
         if not skipped:
             tiers = validate_ranking(tiers, self.store.get_group(group_id)["survivors"])
         if self.auto_register:
             try:
                 self.store.get_expert(expert)
             except StoreError:
-                with contextlib.suppress(StoreError):  # another session may have added the name just now
-                    self.store.add_expert(expert)
-        return self.store.add_ranking(group_id, expert, None if skipped else tiers, ratings=ratings, skipped=skipped,
-                                      seconds=seconds)
+                self.store.set_expert(expert, level=level or 1)
+        return self.store.add_ranking(group_id, expert, None if skipped else tiers, level=level, ratings=ratings,
+                                      skipped=skipped, seconds=seconds)
 
     def losses(self, group_id: str) -> dict:
         """GRPO and DPO numbers for a group under the current weights (ratio 1 while unchanged)."""
         with self.model_lock:
             return group_losses(self.policy, self._ranked_group(group_id), self.config.update)
 
-    def apply_update(self, algorithm: str = "grpo", who: str = "admin", group_ids: list[str] | None = None) -> UpdateResult:
-        """Train on the given groups, or on every ranked group no update has used yet; a new version or a refusal."""
+    def apply_update(self, algorithm: str = "grpo", who: str = "admin", group_ids: list[str] | None = None,
+                     config: UpdateConfig | None = None) -> UpdateResult:
+        """Train on the given groups, or on every ranked group no update has used yet; a new version or a refusal.
+
+        ``config`` replaces the room's update settings for this update only (the page's learning rate, steps...).
+        """
         ids = group_ids if group_ids is not None else [g["id"] for g in self.store.unused_ranked_groups()]
         if not ids:
             raise ValueError("no ranked groups to learn from yet: rank a group first")
         groups = [self._ranked_group(g) for g in ids]
         with self.model_lock:
-            result = apply_update(self.policy, self.version_store, groups, replace(self.config.update, algorithm=algorithm))
+            result = apply_update(self.policy, self.version_store, groups, replace(config or self.config.update, algorithm=algorithm))
         if result.applied:
             v = result.version
             self.store.record_version(v.id, v.parent, v.algorithm, v.metrics)
@@ -172,7 +191,86 @@ class ControlRoom:
         """Every ranked group as a preference dataset (``data.export`` kinds), experts pseudonymised."""
         return export(kind, self._records(), path, secret=self._secret())
 
+    # ------------------------------------------------------------------ browsing, data and settings
+
+    def group(self, group_id: str) -> RoomGroup:
+        return self._room_group(self.store.get_group(group_id), "")
+
+    def next_group(self, expert: str) -> RoomGroup | None:
+        """The oldest stored group still waiting for a ranking that this expert has not answered."""
+        group = self.store.next_group_for(expert)
+        return None if group is None else self._room_group(group, "a stored group waiting for a ranking")
+
+    def enroll(self, name: str, role: str = "expert", level: int = 1) -> dict:
+        """Add an expert, or update their role and level (from the accounts file)."""
+        return self.store.set_expert(name, role, level)
+
+    def updates(self) -> list[dict]:
+        return self.store.updates()
+
+    def counts(self) -> dict:
+        return self.store.counts()
+
+    def agreement(self) -> list[dict]:
+        """Kendall tau-b per pair of experts over the groups both ranked."""
+        return agreement(self.store.rankings())
+
+    def history(self) -> list[dict]:
+        """One row per version, oldest first, for the page's plots: the update's last loss and KL from
+        its parent, and what experts (rating, scaled to 0-1) and the selector (quality) gave its groups."""
+        summary = self.store.version_summary()
+        rows = []
+        for number, v in enumerate(self.store.versions()):
+            scores = summary.get(v["id"], {})
+            rating = scores.get("rating")
+            rows.append({"version": number, "id": v["id"], "loss": v["metrics"].get("loss_last"),
+                         "kl": v["metrics"].get("kl_from_previous"), "quality": scores.get("quality"),
+                         "rating": None if rating is None else (rating - 1) / 2})
+        return rows
+
+    def experts(self) -> list[dict]:
+        """Per expert: level, rankings, skips and median seconds per ranking."""
+        rows: dict[str, dict] = {}
+        for r in self.store.rankings():
+            row = rows.setdefault(r["expert"], {"expert": r["expert"], "level": r["level"], "rankings": 0,
+                                                "skipped": 0, "seconds": []})
+            row["skipped" if r["skipped"] else "rankings"] += 1
+            row["level"] = r["level"]  # the latest
+            if r["seconds"] is not None:
+                row["seconds"].append(r["seconds"])
+        for row in rows.values():
+            row["median_seconds"] = statistics.median(row.pop("seconds")) if row["seconds"] else None
+        return sorted(rows.values(), key=lambda row: row["expert"])
+
+    @property
+    def overlap(self) -> float:
+        """The share of new groups sent to two experts (0 to 1)."""
+        return float(self.store.get_setting("overlap", 0.0))
+
+    def set_overlap(self, share: float) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"overlap is a share of groups between 0 and 1, not {share}")
+        self.store.set_setting("overlap", float(share))
+
+    def import_ratings(self, path: str | Path, imported_by: str) -> dict:
+        """Import a ratings CSV (its images beside it) or a zip of one: good rows are stored, every bad
+        row is reported by number and column. Images are stored as the PNG the expert saw."""
+        path = Path(path)
+        with tempfile.TemporaryDirectory() as folder:
+            csv_path = unpack_ratings_archive(path, folder) if path.suffix.lower() == ".zip" else path
+            ratings = read_ratings(csv_path)
+            rows = [NewImportedRating(_png(unit_to_pil(to_display(read_image(row.path)))), row.rating, row.modality,
+                                      row.expert_level, row.prompt, f"{path.name} row {row.row}")
+                    for row in ratings.rows.itertuples()]
+        stored = self.store.add_imported_ratings(rows, imported_by)
+        return {"imported": stored, "rejected_rows": len({e.row for e in ratings.errors}),
+                "errors": [str(e) for e in ratings.errors], "report": ratings.report()}
+
     # ------------------------------------------------------------------ helpers
+
+    def _wanted_rankings(self) -> int:
+        share, made = self.overlap, self.store.counts()["groups"]
+        return 2 if math.floor((made + 1) * share) > math.floor(made * share) else 1
 
     def _ranked_group(self, group_id: str) -> RankedGroup:
         group = self.store.get_group(group_id)
@@ -206,6 +304,11 @@ class ControlRoom:
                 tuple(RatingRecord(cid, r["expert"], r["level"], value)
                       for r in rankings for cid, value in (r["ratings"] or {}).items()),
             ))
+        for row in self.store.imported_ratings():
+            candidate = f"import-{row['id']}"
+            records.append(RankedGroupRecord(
+                candidate, row["prompt"], [CandidateRecord(candidate, self.store.blobs.get(row["image"]), "imported")], [],
+                row["modality"], (RatingRecord(candidate, row["imported_by"], row["level"], row["rating"]),)))
         return sorted(records, key=lambda record: record.group_id)
 
     def _secret(self) -> str:

@@ -17,6 +17,7 @@ and a group is reproducible from its seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from PIL import Image
 
@@ -83,8 +84,12 @@ class RejectionSampler:
         steps: int = 20,
         guidance: float = 5.0,
         eta: float = 1.0,
+        on_batch: Callable[[int, int, int], None] | None = None,
     ) -> SamplerResult:
-        """Draw until ``survivors`` (default ``config.survivors``) candidates pass or the budget is spent."""
+        """Draw until ``survivors`` (default ``config.survivors``) candidates pass or the budget is spent.
+
+        ``on_batch(drawn, kept, budget)`` is called after each batch: the page's progress bar.
+        """
         wanted = survivors if survivors is not None else self.config.survivors
         budget = self.config.max_draws
         if not 1 <= wanted <= budget:
@@ -113,6 +118,8 @@ class RejectionSampler:
                 chains.append(samples.trajectory.select(keep_rows))
             whole_batch = len(chains) == 1 and len(keep_rows) == len(batch_seeds)  # survivors = one draw, as drawn
             drawn += len(batch_seeds)
+            if on_batch is not None:
+                on_batch(drawn, len(kept), budget)
         trajectory = Trajectory.join(chains) if chains else None
         if trajectory is not None and not whole_batch:
             # Re-scored as one batch: numerically a different layout from the draws, and the ratio

@@ -1,7 +1,13 @@
-"""The Gradio page. Thin: it validates nothing itself and calls the policy for every action.
+"""The control room page (Gradio Blocks): Rank, Optimize, Models, Data, Experts.
 
-This first page draws candidates for a prompt; the full control room (ranking, losses, updates,
-versions, data) grows on top of it.
+Thin: every action calls ``RoomAPI`` (``workbench/api.py``), which checks who may do it and calls
+``ControlRoom``; the page only lays out, shuffles what it shows, and keeps each browser session's
+ranking in progress. ``build_page`` makes the Blocks, ``serve`` launches them with the login (when
+an accounts file is given), the keyboard shortcuts, and analytics, run history and monitoring off.
+
+Ranking is blind: survivors are shown in a fresh random order, numbered 1..k, with no scores and no
+version. Click (or type the digit) in order of preference; "tie" joins the last pick to the one
+before it; Backspace undoes; s skips; Enter submits; n takes the next group from the queue.
 """
 
 from __future__ import annotations
@@ -10,57 +16,387 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # patient data: no analytics, ever
 
+import random  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from data.phantoms import all_prompts  # noqa: E402
-from optim.policy import MAX_CANDIDATES, Policy  # noqa: E402
+from workbench.api import EXPORT_FILES, GPU, MAX_PROMPT_CHARS, RoomAPI, clear_errors, register_api  # noqa: E402
+from workbench.room import RoomGroup  # noqa: E402
 
-GPU_QUEUE = "gpu"  # generation and updates share one concurrency group: one GPU, one job at a time
-MAX_PROMPT_CHARS = 300
-
-
-def generate(policy: Policy, prompt: str, n: int, seed: int, steps: int, guidance: float):
-    """Draw ``n`` candidates; returns gallery items (image, caption) and a status line."""
-    if len(prompt or "") > MAX_PROMPT_CHARS:
-        raise gr.Error(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    try:
-        result = policy.sample(prompt, n=int(n), seed=int(seed), steps=int(steps), guidance=float(guidance))
-    except ValueError as error:
-        raise gr.Error(str(error)) from error
-    trajectory = result.trajectory
-    items = [
-        (image, f"#{i}  seed {s}  mean log-prob {trajectory.log_probs[i].mean():.3f}")
-        for i, (image, s) in enumerate(zip(result.images, trajectory.seeds))
-    ]
-    status = f"{len(items)} candidates from version {policy.version or 'base'}, {steps} DDIM steps, guidance {guidance}"
-    return items, status
+SLOTS = 8  # the most survivors a group shows
+KEYS_JS = (Path(__file__).parent / "keys.js").read_text()
+_picks_lock = threading.Lock()  # picks arrive one HTTP call per key press; their edits must not interleave
 
 
-def build_page(policy: Policy) -> gr.Blocks:
-    examples = all_prompts()
+@dataclass
+class Ranking:
+    """One browser session's ranking in progress (a ``gr.State``, so never shared between sessions)."""
+
+    group_id: str | None = None
+    order: list[str] = field(default_factory=list)  # candidate ids in the shuffled order shown, slot k = order[k]
+    tiers: list[list[int]] = field(default_factory=list)  # slots, best tier first
+    started: float = 0.0
+
+    def placed(self) -> set[int]:
+        return {slot for tier in self.tiers for slot in tier}
+
+    def describe(self) -> str:
+        if self.group_id is None:
+            return "No group yet: type a prompt and press **Generate**, or **Next** for the queue."
+        order = " › ".join(" = ".join(str(slot + 1) for slot in tier) for tier in self.tiers) or "nothing yet"
+        left = [str(k + 1) for k in range(len(self.order)) if k not in self.placed()]
+        return f"**Your order, best first:** {order}  \nStill to place: {', '.join(left) or 'none: press Submit (Enter)'}"
+
+
+def build_page(api: RoomAPI) -> gr.Blocks:
+    room, local = api.room, api.users is None
     with gr.Blocks(title="Medical preference workbench") as page:
-        gr.Markdown(
-            "## Medical preference workbench\n"
-            f"Model: `{policy.model_path.name}` ({policy.device}). Type a prompt that starts with the modality "
-            "(`CT:`, `MRI:`, `chest X-ray:`, `OCT:`) and draw candidates."
-        )
+        ranking = gr.State(Ranking())
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value="OCT: retinal layers with subretinal fluid", max_length=MAX_PROMPT_CHARS, scale=4)
-            generate_button = gr.Button("Generate", variant="primary", scale=1)
-        with gr.Row():
-            n = gr.Slider(1, min(16, MAX_CANDIDATES), value=4, step=1, label="Candidates")
-            seed = gr.Number(value=0, precision=0, label="Seed")
-            steps = gr.Slider(5, 50, value=20, step=1, label="DDIM steps")
-            guidance = gr.Slider(1.0, 10.0, value=5.0, step=0.5, label="Guidance")
-        gr.Examples(examples=[[p] for p in examples], inputs=[prompt], label="Prompts the default model knows")
-        gallery = gr.Gallery(label="Candidates", columns=4, height="auto", object_fit="contain")
-        status = gr.Markdown()
-        generate_button.click(
-            lambda *args: generate(policy, *args),
-            inputs=[prompt, n, seed, steps, guidance],
-            outputs=[gallery, status],
-            api_name="generate",
-            concurrency_id=GPU_QUEUE,
-            concurrency_limit=1,
-        )
+            gr.Markdown("## Medical preference workbench")
+            who = gr.Markdown()
+        with gr.Row(visible=local):
+            name = gr.Textbox(label="Your name (rankings are stored under it)", max_length=100, scale=3)
+            level = gr.Dropdown([1, 2, 3], value=1, label="Your level (weights your votes)", scale=1)
+        remembered = gr.BrowserState(["", 1], storage_key="workbench-expert")
+
+        def caller(request, name_value="", level_value=1):
+            return api.caller(request, name_value, level_value or 1)
+
+        # ------------------------------------------------------------------ Rank
+        with gr.Tab("Rank", id="rank"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", value=all_prompts()[0], max_length=MAX_PROMPT_CHARS, scale=4)
+                seed = gr.Number(value=0, precision=0, label="Seed", scale=1)
+                generate_button = gr.Button("Generate", variant="primary", scale=1, elem_id="rank-generate")
+            with gr.Accordion("Prompt queue: Next (n) takes a stored group waiting for you, else the first line", open=False):
+                queue = gr.Textbox(value="\n".join(all_prompts()), lines=6, show_label=False)
+            next_button = gr.Button("Next (n)", elem_id="rank-next")
+            status = gr.Markdown()
+            images, ratings, columns, picks = [], [], [], []
+            for row in range(0, SLOTS, 4):
+                with gr.Row():
+                    for k in range(row, row + 4):
+                        with gr.Column(visible=False, min_width=160) as column:
+                            images.append(gr.Image(label=str(k + 1), interactive=False, type="pil", height=256))
+                            picks.append(gr.Button(f"{k + 1}: pick", size="sm", elem_id=f"rank-pick-{k}"))
+                            ratings.append(gr.Radio(["1", "2", "3"], label="Rating (1 poor, 3 good)", elem_id=f"rank-rating-{k}"))
+                        columns.append(column)
+            order_text = gr.Markdown(Ranking().describe(), elem_id="rank-order")
+            with gr.Row():
+                tie_button = gr.Button("Tie with previous (t)", elem_id="rank-tie")
+                undo_button = gr.Button("Undo (Backspace)", elem_id="rank-undo")
+                skip_button = gr.Button("Skip (s)", elem_id="rank-skip")
+                submit_button = gr.Button("Submit (Enter)", variant="primary", elem_id="rank-submit")
+            with gr.Accordion("Rejected by the selector", open=False):
+                rejected = gr.Gallery(columns=6, height="auto", show_label=False)
+
+        # ------------------------------------------------------------------ Optimize
+        with gr.Tab("Optimize", id="optimize"):
+            optimize_status = gr.Markdown("Rank a group to see its GRPO and DPO numbers.")
+            losses_button = gr.Button("Compute losses for my last group")
+            gr.Markdown("### GRPO: rewards from the ranking, group-normalised advantages, ratio and KL to the reference")
+            grpo_table = gr.Dataframe(interactive=False)
+            gr.Markdown("### Diffusion-DPO: every ordered pair, implicit rewards and margin")
+            dpo_table = gr.Dataframe(interactive=False)
+            with gr.Group(visible=local) as admin_update:
+                gr.Markdown("### Apply an update (admins): trains on every ranked group no update has used")
+                with gr.Row():
+                    algorithm = gr.Radio(["grpo", "dpo"], value=room.config.update.algorithm, label="Algorithm")
+                    learning_rate = gr.Number(value=room.config.update.learning_rate, label="Learning rate")
+                    steps = gr.Number(value=room.config.update.optimizer_steps, precision=0, label="Optimizer steps")
+                    clip = gr.Number(value=room.config.update.grpo.clip_range, label="GRPO clip range")
+                    beta = gr.Number(value=room.config.update.dpo.beta, label="DPO beta")
+                update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
+                update_status = gr.Markdown()
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="version", y="loss", title="Loss of each update (last step)", height=220)
+                reward_plot = gr.LinePlot(x="version", y="score", color="measure", height=220,
+                                          title="Per version: mean expert rating and selector quality (0-1)")
+                kl_plot = gr.LinePlot(x="version", y="kl", title="KL from the previous version", height=220)
+
+        # ------------------------------------------------------------------ Models
+        with gr.Tab("Models", id="models"):
+            versions_table = gr.Dataframe(interactive=False)
+            with gr.Row():
+                version_a = gr.Dropdown(label="Version A")
+                version_b = gr.Dropdown(label="Version B")
+                compare_prompt = gr.Textbox(label="Prompt", value=all_prompts()[0], max_length=MAX_PROMPT_CHARS, scale=3)
+                compare_seed = gr.Number(value=0, precision=0, label="Seed")
+            compare_button = gr.Button("Compare on the same seeds")
+            with gr.Row():
+                gallery_a = gr.Gallery(label="A", columns=2, height="auto")
+                gallery_b = gr.Gallery(label="B", columns=2, height="auto")
+            with gr.Group(visible=local) as admin_rollback:
+                with gr.Row():
+                    rollback_to = gr.Dropdown(label="Roll back to (admins)")
+                    rollback_button = gr.Button("Roll back")
+            models_status = gr.Markdown()
+
+        # ------------------------------------------------------------------ Data
+        with gr.Tab("Data", id="data"):
+            counts_text = gr.Markdown()
+            with gr.Row():
+                export_kind = gr.Dropdown(list(EXPORT_FILES), value="pickapic", label="Dataset")
+                export_button = gr.Button("Prepare download", elem_id="export")
+                export_file = gr.File(label="Download", elem_id="export-file")
+            with gr.Group(visible=local) as admin_import:
+                gr.Markdown("### Import ratings (admins): a CSV, or a zip of a CSV and its images")
+                import_file = gr.File(file_types=[".csv", ".zip"], label="Ratings file")
+                import_button = gr.Button("Import")
+                import_report = gr.Textbox(label="Import report", lines=6, interactive=False)
+
+        # ------------------------------------------------------------------ Experts
+        with gr.Tab("Experts", id="experts", visible=local) as experts_tab:
+            experts_table = gr.Dataframe(interactive=False, label="Rankings per expert")
+            agreement_table = gr.Dataframe(interactive=False, label="Agreement (Kendall tau-b) on groups ranked by two experts")
+            with gr.Row():
+                overlap = gr.Slider(0, 1, value=0.0, step=0.05, label="Share of new groups sent to two experts")
+                overlap_button = gr.Button("Save overlap")
+            experts_status = gr.Markdown()
+
+        # ================================================================== handlers
+
+        def show(state: Ranking, group: RoomGroup | None, message: str):
+            """Fill the slots with a group's survivors, shuffled; reset this session's ranking."""
+            if group is None:
+                state.group_id, state.order, state.tiers = None, [], []
+                return [state, message, state.describe(), []] + _slots([], [])
+            shuffled = group.survivors[:]
+            random.shuffle(shuffled)
+            state.group_id, state.order, state.tiers, state.started = group.id, [c.id for c in shuffled], [], time.time()
+            gallery = [(c.image, "; ".join(c.reasons)) for c in group.rejected]
+            return [state, message or group.message, state.describe(), gallery] + _slots([c.image for c in shuffled], shuffled)
+
+        slot_outputs = [ranking, status, order_text, rejected, *columns, *images, *ratings]
+
+        @clear_errors
+        def on_generate(text, seed_value, state, name_value, level_value, request: gr.Request,
+                        progress=gr.Progress()):
+            progress(0, desc="drawing candidates")
+            report = lambda drawn, kept, budget: progress(drawn / budget, desc=f"{kept} passed of {drawn} drawn")  # noqa: E731
+            group = api.generate(caller(request, name_value, level_value), text, None, seed_value, on_batch=report)
+            return show(state, group, "")
+
+        @clear_errors
+        def on_next(queue_text, seed_value, state, name_value, level_value, request: gr.Request,
+                    progress=gr.Progress()):
+            who_ = caller(request, name_value, level_value)
+            waiting = room.next_group(who_.name) if who_.name else None
+            if waiting is not None:
+                return [queue_text, *show(state, waiting, "A stored group waiting for your ranking.")]
+            lines = [line for line in queue_text.splitlines() if line.strip()]
+            if not lines:
+                raise ValueError("the prompt queue is empty: add prompts, one per line")
+            progress(0, desc="drawing candidates")
+            report = lambda drawn, kept, budget: progress(drawn / budget, desc=f"{kept} passed of {drawn} drawn")  # noqa: E731
+            group = api.generate(who_, lines[0], None, seed_value, on_batch=report)
+            return ["\n".join(lines[1:] + lines[:1]), *show(state, group, "")]
+
+        def on_pick(slot: int):
+            def pick(state: Ranking):
+                with _picks_lock:
+                    if slot < len(state.order) and slot not in state.placed():
+                        state.tiers.append([slot])
+                return state, state.describe()
+            return pick
+
+        def on_tie(state: Ranking):
+            with _picks_lock:
+                if len(state.tiers) >= 2 and len(state.tiers[-1]) == 1:
+                    state.tiers[-2] += state.tiers.pop()
+            return state, state.describe()
+
+        def on_undo(state: Ranking):
+            with _picks_lock:
+                if state.tiers:
+                    state.tiers[-1].pop()
+                    if not state.tiers[-1]:
+                        state.tiers.pop()
+            return state, state.describe()
+
+        @clear_errors
+        def on_submit(state, name_value, level_value, request: gr.Request, *rating_values):
+            return answer(state, caller(request, name_value, level_value), rating_values, skipped=False)
+
+        @clear_errors
+        def on_skip(state, name_value, level_value, request: gr.Request):
+            return answer(state, caller(request, name_value, level_value), [], skipped=True)
+
+        def answer(state: Ranking, who_, rating_values, skipped: bool):
+            """Store this session's ranking (or skip) of its group, with the ratings given and the time taken."""
+            if state.group_id is None:
+                raise ValueError("no group to rank: Generate or Next first")
+            if not skipped and len(state.placed()) < len(state.order):
+                left = [str(k + 1) for k in range(len(state.order)) if k not in state.placed()]
+                raise ValueError(f"place every candidate first (still to place: {', '.join(left)}); tie those you cannot tell apart")
+            tiers = [[state.order[slot] for slot in tier] for tier in state.tiers]
+            given = {state.order[k]: int(v) for k, v in enumerate(rating_values[:len(state.order)]) if v}
+            seconds = round(time.time() - state.started, 1)
+            api.rank(who_, state.group_id, [] if skipped else tiers, None if skipped else given, skipped, seconds)
+            done = "Skipped" if skipped else "Ranking stored"
+            return state, f"{done} (group {state.group_id}, {seconds} s). Press **Next (n)** for another group."
+
+        @clear_errors
+        def on_losses(state: Ranking, name_value, level_value, request: gr.Request):
+            caller(request, name_value, level_value)
+            if state.group_id is None:
+                raise ValueError("no group yet: rank one on the Rank tab")
+            numbers = room.losses(state.group_id)
+            label = {cid: f"{k + 1}" for k, cid in enumerate(state.order)}
+            g, d = numbers["grpo"], numbers["dpo"]
+            grpo = pd.DataFrame([{"candidate": label.get(c["id"], c["id"]), "id": c["id"], **{k: c[k] for k in
+                                  ("reward", "advantage", "ratio", "kl")}} for c in g["candidates"]])
+            dpo = pd.DataFrame([{"winner": label.get(p["winner"]), "loser": label.get(p["loser"]), "weight": p["weight"],
+                                 "margin": p["margin"], "winner reward": p["winner_reward"],
+                                 "loser reward": p["loser_reward"], "loss": p["loss"]} for p in d["pairs"]])
+            dpo_total = ("no ordered pair (all tied)" if d["loss"] is None else
+                         f"loss **{d['loss']:.4f}**, accuracy {d['accuracy']:.2f}, beta {d['beta']:g}")
+            text = (f"Group `{state.group_id}`. GRPO: loss **{g['loss']:.4g}**, mean KL {g['kl']:.3g} "
+                    f"({g['std_convention']}). DPO: {dpo_total}.")
+            return text, grpo, dpo
+
+        @clear_errors
+        def on_update(algo, lr, n_steps, clip_range, beta_value, name_value, level_value, request: gr.Request,
+                      progress=gr.Progress()):
+            who_ = caller(request, name_value, level_value)
+            progress(None, desc="applying the update")
+            result = api.apply_update(who_, algo, None, {"learning_rate": lr, "optimizer_steps": n_steps,
+                                                         "clip_range": clip_range, "beta": beta_value})
+            return (f"**{result.version.id}** is now current: {result.message}" if result.applied
+                    else f"**Refused.** {result.message}")
+
+        def plots():
+            rows = room.history()
+            frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["version", "loss", "kl", "rating", "quality"])
+            rewards = frame.melt(id_vars=["version"], value_vars=["rating", "quality"], var_name="measure",
+                                 value_name="score").dropna()
+            return frame.dropna(subset=["loss"]), rewards, frame.dropna(subset=["kl"])
+
+        def models_view():
+            listed = room.versions()
+            table = pd.DataFrame([{"version": v["id"], "current": "yes" if v["current"] else "", "parent": v["parent"],
+                                   "algorithm": v["algorithm"], "created": v["created"],
+                                   "loss": v["metrics"].get("loss_last"), "kl": v["metrics"].get("kl_from_previous")}
+                                  for v in listed])
+            ids = [v["id"] for v in listed]
+            current = next(v["id"] for v in listed if v["current"])
+            return (table, gr.update(choices=ids, value=ids[0]), gr.update(choices=ids, value=current),
+                    gr.update(choices=ids, value=current))
+
+        @clear_errors
+        def on_compare(a, b, text, seed_value, name_value, level_value, request: gr.Request):
+            caller(request, name_value, level_value)
+            return room.sample(text, 4, int(seed_value), a), room.sample(text, 4, int(seed_value), b)
+
+        @clear_errors
+        def on_rollback(target, name_value, level_value, request: gr.Request):
+            version = api.rollback(caller(request, name_value, level_value), target)
+            return f"**{version['id']}** is current again; the next round samples from it."
+
+        def counts_view():
+            c = room.counts()
+            modality = "\n".join(f"| {m} | {n} | {c['imported_per_modality'].get(m, 0)} |" for m, n in
+                                 sorted({**{m: 0 for m in c["imported_per_modality"]}, **c["per_modality"]}.items()))
+            expert = "\n".join(f"| {e} | {v['rankings']} | {v['skipped']} |" for e, v in sorted(c["per_expert"].items()))
+            return (f"**{c['groups']} groups**: {c['ranked']} ranked, {c['pending']} waiting for a ranking.\n\n"
+                    f"| modality | groups | imported ratings |\n|---|---|---|\n{modality}\n\n"
+                    f"| expert | rankings | skipped |\n|---|---|---|\n{expert}")
+
+        @clear_errors
+        def on_export(kind, name_value, level_value, request: gr.Request):
+            caller(request, name_value, level_value)
+            return str(api.export(kind))
+
+        @clear_errors
+        def on_import(file, name_value, level_value, request: gr.Request):
+            if file is None:
+                raise ValueError("choose a ratings CSV or zip first")
+            report = api.import_ratings(caller(request, name_value, level_value), file)
+            return f"{report['imported']} rows imported.\n{report['report']}", counts_view()
+
+        def experts_view(name_value, level_value, request: gr.Request):
+            if not caller(request, name_value, level_value).is_admin:
+                return pd.DataFrame(), pd.DataFrame(), gr.update(), "Admins only."
+            agreement = pd.DataFrame(room.agreement(), columns=["expert_a", "expert_b", "groups", "defined", "tau_b"])
+            return pd.DataFrame(room.experts()), agreement, gr.update(value=room.overlap), ""
+
+        @clear_errors
+        def on_overlap(share, name_value, level_value, request: gr.Request):
+            api.set_overlap(caller(request, name_value, level_value), share)
+            return f"From now on {share:.0%} of new groups go to two experts."
+
+        def on_load(stored, request: gr.Request):
+            if local:
+                name_value, level_value = stored if isinstance(stored, list) and len(stored) == 2 else ("", 1)
+                header = "Local mode: one user, who is also the admin."
+                admin = True
+            else:
+                name_value, level_value = "", 1
+                me = caller(request)
+                header = f"Signed in as **{me.name}** ({me.role}, level {me.level}) · [Log out](/logout)"
+                admin = me.is_admin
+            shown = [gr.update(visible=admin)] * 4
+            return [header, name_value, level_value, *shown, counts_view(), *models_view(), *plots()]
+
+        # ================================================================== wiring
+        me = [name, level]
+        private = dict(api_visibility="private")
+        gpu = dict(concurrency_id=GPU, concurrency_limit=1, **private)
+        quick = dict(concurrency_limit=None, **private)
+        page.load(on_load, [remembered], [who, name, level, admin_update, admin_rollback, admin_import, experts_tab,
+                                           counts_text, versions_table, version_a, version_b, rollback_to,
+                                           loss_plot, reward_plot, kl_plot], **quick)
+        gr.on([name.change, level.change], lambda n, lv: [n, lv], [name, level], [remembered], **quick)
+        generate_button.click(on_generate, [prompt, seed, ranking, *me], slot_outputs, **gpu)
+        next_button.click(on_next, [queue, seed, ranking, *me], [queue, *slot_outputs], **gpu)
+        for k, button in enumerate(picks):
+            button.click(on_pick(k), [ranking], [ranking, order_text], **quick)
+        tie_button.click(on_tie, [ranking], [ranking, order_text], **quick)
+        undo_button.click(on_undo, [ranking], [ranking, order_text], **quick)
+        submitted = submit_button.click(on_submit, [ranking, *me, *ratings], [ranking, status], **quick)
+        submitted.success(on_losses, [ranking, *me], [optimize_status, grpo_table, dpo_table], **gpu)
+        submitted.success(counts_view, None, [counts_text], **quick)
+        skip_button.click(on_skip, [ranking, *me], [ranking, status], **quick)
+        losses_button.click(on_losses, [ranking, *me], [optimize_status, grpo_table, dpo_table], **gpu)
+        updated = update_button.click(on_update, [algorithm, learning_rate, steps, clip, beta, *me], [update_status], **gpu)
+        updated.then(plots, None, [loss_plot, reward_plot, kl_plot], **quick)
+        updated.then(models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
+        compare_button.click(on_compare, [version_a, version_b, compare_prompt, compare_seed, *me],
+                             [gallery_a, gallery_b], **gpu)
+        rollback_button.click(on_rollback, [rollback_to, *me], [models_status], **gpu).then(
+            models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
+        export_button.click(on_export, [export_kind, *me], [export_file], **quick)
+        import_button.click(on_import, [import_file, *me], [import_report, counts_text], **quick)
+        experts_tab.select(experts_view, me, [experts_table, agreement_table, overlap, experts_status], **quick)
+        overlap_button.click(on_overlap, [overlap, *me], [experts_status], **quick)
+        register_api(api)
+    return page
+
+
+def _slots(images: list, candidates: list) -> list:
+    """Updates for every slot: visible with its image and a cleared rating while a candidate fills it."""
+    shown = len(candidates)
+    return ([gr.update(visible=k < shown) for k in range(SLOTS)]
+            + [images[k] if k < shown else None for k in range(SLOTS)]
+            + [gr.update(value=None) for _ in range(SLOTS)])
+
+
+def serve(api: RoomAPI, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> gr.Blocks:
+    """Launch the page; with an accounts file every route asks for a login first."""
+    page = build_page(api)
+    page.queue(default_concurrency_limit=None)
+    page.launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
+        auth=None if api.users is None else api.users.authenticate,
+        auth_message="Medical preference workbench: log in with the account your admin made for you.",
+        allowed_paths=[str(api.outbox)], head=f"<script>{KEYS_JS}</script>",
+        enable_monitoring=False, run_history=False, show_error=True, ssr_mode=False,
+    )
     return page

@@ -1,0 +1,242 @@
+"""Who may do what, in one place: the HTTP API and the page both call ``RoomAPI``.
+
+``RoomAPI`` wraps ``ControlRoom`` with the caller: with an accounts file (``--auth users.yaml``)
+the caller is the logged-in user, their role and level come from the file, and only admins apply
+updates, roll back, import data or change the overlap; without one (a laptop) the one local user
+is an admin and names themselves. ``register_api`` publishes the ARCHITECTURE verbs as Gradio API
+endpoints (``/generate``, ``/rank``, ``/losses``, ``/apply_update``, ``/sample``, ``/versions``,
+``/rollback``, ``/export``) with the Python methods' parameter names.
+
+Work on the model (generate, sample, losses, update, rollback) shares the ``gpu`` concurrency group
+of one: one GPU, one job at a time. Ranking, browsing and exports have no limit and never queue
+behind it.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gradio as gr
+
+from data.store import StoreError
+from optim.update import UpdateConfig
+from workbench.auth import Users
+from workbench.room import ControlRoom, RoomGroup
+
+GPU = "gpu"  # the one concurrency group for model work
+MAX_PROMPT_CHARS = 300
+EXPORT_FILES = {"pickapic": "preferences-pickapic.parquet", "trl": "preferences-trl.parquet",
+                "groups": "ranking-groups.parquet", "ratings_csv": "ratings.zip"}
+OUTBOX_HOURS = 6  # files handed to browsers and clients are kept this long
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str  # "expert" or "admin"
+    level: int  # 1-3, weights their votes
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class RoomAPI:
+    def __init__(self, room: ControlRoom, users: Users | None = None):
+        self.room = room
+        self.users = users
+        self.outbox = room.workdir / "outbox"  # the one folder Gradio may serve files from
+        self.outbox.mkdir(exist_ok=True)
+        self._enrolled: set[Caller] = set()
+
+    # ------------------------------------------------------------------ who is calling
+
+    def caller(self, request: gr.Request | None, local_name: str = "", local_level: int = 1) -> Caller:
+        """The logged-in user (accounts file), or the local user and the name they typed (maybe none yet)."""
+        if self.users is None:
+            name = (local_name or "").strip()  # may be empty until the user ranks
+            if len(name) > 100:
+                raise PermissionError("a name is at most 100 characters")
+            return Caller(name, "admin", int(local_level))
+        user = self.users.get(getattr(request, "username", None) or "")
+        if user is None:  # the login layer lets no one through unauthenticated; a removed account ends here
+            raise PermissionError("not logged in, or the account no longer exists: log in again")
+        caller = Caller(user.name, user.role, user.level)
+        if caller not in self._enrolled:  # the store mirrors the accounts file's role and level
+            self.room.enroll(caller.name, caller.role, caller.level)
+            self._enrolled.add(caller)
+        return caller
+
+    @staticmethod
+    def require_admin(caller: Caller, action: str) -> None:
+        if not caller.is_admin:
+            raise PermissionError(f"only an admin can {action}; {caller.name} is an expert")
+
+    # ------------------------------------------------------------------ the verbs
+
+    def generate(self, caller: Caller, prompt: str, n: int | None = None, seed: int = 0, on_batch=None) -> RoomGroup:
+        if len(prompt or "") > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        return self.room.generate(prompt, n, int(seed), on_batch=on_batch)
+
+    def rank(self, caller: Caller, group_id: str, tiers: list, ratings: dict | None = None, skipped: bool = False,
+             seconds: float | None = None) -> dict:
+        if not caller.name:
+            raise PermissionError("type your name first: rankings are stored under it")
+        return self.room.rank(group_id, tiers, caller.name, ratings=ratings or None, skipped=skipped, seconds=seconds,
+                              level=caller.level)
+
+    def apply_update(self, caller: Caller, algorithm: str = "grpo", group_ids: list[str] | None = None,
+                     settings: dict | None = None):
+        self.require_admin(caller, "apply an update")
+        if algorithm not in ("grpo", "dpo"):
+            raise ValueError(f"algorithm must be 'grpo' or 'dpo', not {algorithm!r}")
+        return self.room.apply_update(algorithm, who=caller.name or "local", group_ids=group_ids or None,
+                                      config=update_config(self.room.config.update, settings or {}))
+
+    def rollback(self, caller: Caller, version_id: str) -> dict:
+        self.require_admin(caller, "roll back the model")
+        return self.room.rollback(version_id)
+
+    def import_ratings(self, caller: Caller, path: str | Path) -> dict:
+        self.require_admin(caller, "import ratings")
+        return self.room.import_ratings(path, imported_by=caller.name or "local")
+
+    def set_overlap(self, caller: Caller, share: float) -> None:
+        self.require_admin(caller, "change the overlap")
+        self.room.set_overlap(share)
+
+    def export(self, kind: str) -> Path:
+        if kind not in EXPORT_FILES:
+            raise ValueError(f"unknown export kind {kind!r}; expected one of {', '.join(EXPORT_FILES)}")
+        return self.room.export(kind, self.new_outbox_folder() / EXPORT_FILES[kind])
+
+    # ------------------------------------------------------------------ files for browsers and clients
+
+    def new_outbox_folder(self) -> Path:
+        """A fresh folder for files to hand out; folders older than ``OUTBOX_HOURS`` are removed."""
+        cutoff = time.time() - OUTBOX_HOURS * 3600
+        for old in self.outbox.iterdir():
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        folder = self.outbox / uuid.uuid4().hex
+        folder.mkdir()
+        return folder
+
+    def files(self, images, stem: str) -> list[gr.FileData]:
+        folder = self.new_outbox_folder()
+        out = []
+        for k, image in enumerate(images):
+            path = folder / f"{stem}-{k}.png"
+            image.save(path)
+            out.append(gr.FileData(path=str(path), orig_name=path.name, mime_type="image/png"))
+        return out
+
+    def group_json(self, group: RoomGroup) -> dict:
+        """A group for API clients: ids and image files; survivors blind (no scores), rejected with reasons."""
+        survivors = self.files([c.image for c in group.survivors], group.id)
+        rejected = self.files([c.image for c in group.rejected], f"{group.id}-rejected")
+        return {
+            "id": group.id, "prompt": group.prompt, "version": group.version, "message": group.message,
+            "survivors": [{"id": c.id, "image": f} for c, f in zip(group.survivors, survivors)],
+            "rejected": [{"id": c.id, "image": f, "scores": c.scores, "reasons": c.reasons}
+                         for c, f in zip(group.rejected, rejected)],
+        }
+
+
+def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
+    """The room's update defaults with the page's or client's main settings applied; unknown names refused."""
+    top = {"learning_rate": float, "optimizer_steps": int, "kl_budget": float}
+    nested = {"clip_range": ("grpo", float), "kl_weight": ("grpo", float), "beta": ("dpo", float)}
+    unknown = sorted(set(settings) - set(top) - set(nested))
+    if unknown:
+        raise ValueError(f"unknown update settings {', '.join(unknown)}; known: {', '.join([*top, *nested])}")
+    config = replace(base, **{k: top[k](v) for k, v in settings.items() if k in top})
+    for name, (part, cast) in nested.items():
+        if name in settings:
+            config = replace(config, **{part: replace(getattr(config, part), **{name: cast(settings[name])})})
+    if config.learning_rate <= 0 or config.optimizer_steps < 1:
+        raise ValueError("learning_rate must be positive and optimizer_steps at least 1")
+    return config
+
+
+def clear_errors(function):
+    """Refusals (bad input, unknown ids, not allowed) reach the browser or client as their own message."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, PermissionError, StoreError) as error:
+            raise gr.Error(str(error), print_exception=False) from error
+    return wrapper
+
+
+def register_api(api: RoomAPI) -> None:
+    """The ARCHITECTURE verbs as Gradio API endpoints; call inside the page's ``gr.Blocks``."""
+    room = api.room
+
+    @clear_errors
+    def generate(prompt: str, n: int = 4, seed: int = 0, expert: str = "", request: gr.Request = None) -> dict:
+        """Draw candidates until n pass the selector; returns the group's id and its candidates' ids and images."""
+        return api.group_json(api.generate(api.caller(request, expert), prompt, n, seed))
+
+    @clear_errors
+    def rank(group_id: str, tiers: list[list[str]], expert: str = "", ratings: dict | None = None,
+             skipped: bool = False, seconds: float | None = None, level: int = 1,
+             request: gr.Request = None) -> dict:
+        """Store a ranking: tiers best first, a tier holds ties. With logins, expert is the logged-in user."""
+        caller = api.caller(request, expert, level)
+        if expert and expert != caller.name:
+            raise PermissionError(f"logged in as {caller.name}: cannot rank as {expert!r}")
+        return api.rank(caller, group_id, tiers, ratings, skipped, seconds)
+
+    @clear_errors
+    def losses(group_id: str, expert: str = "", request: gr.Request = None) -> dict:
+        """GRPO and DPO numbers for a ranked group under the current weights."""
+        api.caller(request, expert)
+        return room.losses(group_id)
+
+    @clear_errors
+    def apply_update(algorithm: str = "grpo", group_ids: list[str] | None = None, settings: dict | None = None,
+                     expert: str = "", request: gr.Request = None) -> dict:
+        """Admins: train on ranked groups not yet used (or those named); a new version or a refusal."""
+        result = api.apply_update(api.caller(request, expert), algorithm, group_ids, settings)
+        return {"applied": result.applied, "version": result.version.id if result.applied else None,
+                "message": result.message, "metrics": result.metrics}
+
+    @clear_errors
+    def sample(prompt: str, n: int = 4, seed: int = 0, version: str = "", expert: str = "",
+               request: gr.Request = None) -> list[gr.FileData]:
+        """Plain samples from any version (the current one by default), no selector."""
+        api.caller(request, expert)
+        if len(prompt or "") > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        return api.files(room.sample(prompt, n, seed, version or None), f"sample-{version or 'current'}")
+
+    @clear_errors
+    def versions(expert: str = "", request: gr.Request = None) -> list[dict]:
+        """Every version with its parent, algorithm and metrics; one is current."""
+        api.caller(request, expert)
+        return room.versions()
+
+    @clear_errors
+    def rollback(version_id: str, expert: str = "", request: gr.Request = None) -> dict:
+        """Admins: make an earlier version current."""
+        return api.rollback(api.caller(request, expert), version_id)
+
+    @clear_errors
+    def export(kind: str, expert: str = "", request: gr.Request = None) -> gr.FileData:
+        """Every ranking as a dataset: pickapic, trl, groups (parquet) or ratings_csv (zip)."""
+        api.caller(request, expert)
+        path = api.export(kind)
+        return gr.FileData(path=str(path), orig_name=path.name)
+
+    for function in (generate, losses, apply_update, sample, rollback):
+        gr.api(function, api_name=function.__name__, concurrency_id=GPU, concurrency_limit=1)
+    for function in (rank, versions, export):
+        gr.api(function, api_name=function.__name__, concurrency_limit=None)

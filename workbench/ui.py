@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from data.phantoms import all_prompts  # noqa: E402
 from workbench.api import EXPORT_FILES, GPU, MAX_PROMPT_CHARS, RoomAPI, clear_errors, register_api  # noqa: E402
@@ -84,7 +85,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                 with gr.Row():
                     for k in range(row, row + 4):
                         with gr.Column(visible=False, min_width=160) as column:
-                            images.append(gr.Image(label=str(k + 1), interactive=False, type="pil", height=256))
+                            images.append(gr.Image(label=str(k + 1), interactive=False, type="pil", height=280,
+                                                   buttons=["fullscreen"]))
                             picks.append(gr.Button(f"{k + 1}: pick", size="sm", elem_id=f"rank-pick-{k}"))
                             ratings.append(gr.Radio(["1", "2", "3"], label="Rating (1 poor, 3 good)", elem_id=f"rank-rating-{k}"))
                         columns.append(column)
@@ -171,8 +173,9 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             shuffled = group.survivors[:]
             random.shuffle(shuffled)
             state.group_id, state.order, state.tiers, state.started = group.id, [c.id for c in shuffled], [], time.time()
-            gallery = [(c.image, "; ".join(c.reasons)) for c in group.rejected]
-            return [state, message or group.message, state.describe(), gallery] + _slots([c.image for c in shuffled], shuffled)
+            gallery = [(_enlarged(c.image), "; ".join(c.reasons)) for c in group.rejected]
+            return [state, message or group.message, state.describe(), gallery] + _slots(
+                [_enlarged(c.image) for c in shuffled], shuffled)
 
         slot_outputs = [ranking, status, order_text, rejected, *columns, *images, *ratings]
 
@@ -210,7 +213,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
         def on_tie(state: Ranking):
             with _picks_lock:
                 if len(state.tiers) >= 2 and len(state.tiers[-1]) == 1:
-                    state.tiers[-2] += state.tiers.pop()
+                    last = state.tiers.pop()
+                    state.tiers[-1].extend(last)
             return state, state.describe()
 
         def on_undo(state: Ranking):
@@ -293,7 +297,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
         @clear_errors
         def on_compare(a, b, text, seed_value, name_value, level_value, request: gr.Request):
             caller(request, name_value, level_value)
-            return room.sample(text, 4, int(seed_value), a), room.sample(text, 4, int(seed_value), b)
+            return ([_enlarged(i) for i in room.sample(text, 4, int(seed_value), a)],
+                    [_enlarged(i) for i in room.sample(text, 4, int(seed_value), b)])
 
         @clear_errors
         def on_rollback(target, name_value, level_value, request: gr.Request):
@@ -386,6 +391,12 @@ def _slots(images: list, candidates: list) -> list:
     return ([gr.update(visible=k < shown) for k in range(SLOTS)]
             + [images[k] if k < shown else None for k in range(SLOTS)]
             + [gr.update(value=None) for _ in range(SLOTS)])
+
+
+def _enlarged(image, size: int = 256):
+    """Small model outputs (64 px for the embedded default) scaled up by whole pixels to be seen, not smoothed."""
+    factor = max(1, size // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
 def serve(api: RoomAPI, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> gr.Blocks:

@@ -1,26 +1,147 @@
-"""The first page: served in-process, called over HTTP with gradio_client like any client would."""
+"""The control room over HTTP, as clients meet it: served in-process, called with gradio_client.
 
+One server with logins on (alice: admin, bob: expert) serves the round trip and the auth checks;
+a second without logins checks local single-user mode.
+"""
+
+import datasets
+import httpx
+import numpy as np
 import pytest
 from gradio_client import Client
+from PIL import Image
 
-from workbench.ui import build_page
+from tests.conftest import PROMPT
+from workbench.api import RoomAPI
+from workbench.auth import Users, add_user
+from workbench.room import ControlRoom, RoomConfig
+from workbench.ui import serve
+
+CONFIG = RoomConfig(survivors=3, batch_size=3, max_draws=6, steps=4)
+PASSWORDS = {"alice": "alice-password", "bob": "bob-password"}
 
 
 @pytest.fixture(scope="module")
-def served(policy):
-    page = build_page(policy)
-    page.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    yield Client(page.local_url, verbose=False)
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    add_user(folder / "users.yaml", "alice", PASSWORDS["alice"], role="admin", level=3)
+    add_user(folder / "users.yaml", "bob", PASSWORDS["bob"], role="expert", level=2)
+    room = ControlRoom(workdir=folder / "run", config=CONFIG, auto_register=False)
+    page = serve(RoomAPI(room, Users(folder / "users.yaml")), block=False)
+    yield page.local_url, room, folder
     page.close()
 
 
-def test_generate_endpoint_returns_candidates(served):
-    gallery, status = served.predict("MRI: axial brain", 2, 0, 5, 5.0, api_name="/generate")
-    assert len(gallery) == 2
-    assert "seed" in gallery[0]["caption"] and "mean log-prob" in gallery[0]["caption"]
-    assert status.startswith("2 candidates from version")
+def client(url: str, name: str) -> Client:
+    return Client(url, auth=(name, PASSWORDS[name]), verbose=False)
 
 
-def test_generate_endpoint_explains_bad_input(served):
+def test_a_round_over_http_generate_rank_losses_update_sample_export(server):
+    url, room, folder = server
+    alice = client(url, "alice")
+    group = alice.predict(prompt=PROMPT, n=3, seed=5, api_name="/generate")
+    ids = [c["id"] for c in group["survivors"]]
+    assert group["version"] == "v0" and len(ids) == 3 and all(i.startswith(group["id"]) for i in ids)
+    assert "scores" not in group["survivors"][0]  # blind: survivors carry no selector scores
+    assert Image.open(group["survivors"][0]["image"]).size == (64, 64)
+
+    with pytest.raises(Exception, match="unknown candidates: nope"):
+        alice.predict(group_id=group["id"], tiers=[[ids[0]], [ids[1], "nope"]], api_name="/rank")
+    stored = alice.predict(group_id=group["id"], tiers=[[ids[2]], [ids[0], ids[1]]], ratings={ids[2]: 3},
+                           seconds=3.5, api_name="/rank")
+    assert stored["expert"] == "alice" and stored["level"] == 3  # the level comes from the accounts file
+
+    numbers = alice.predict(group_id=group["id"], api_name="/losses")
+    assert [c["ratio"] for c in numbers["grpo"]["candidates"]] == [1.0, 1.0, 1.0]
+    assert numbers["dpo"]["loss"] == pytest.approx(np.log(2))
+    # rewards 0.25, 0.25, 1 (the tie shares positions 2 and 3); mean 0.5, sample std sqrt(0.1875), eps 1e-4
+    std = np.sqrt(0.1875) + 1e-4
+    assert [c["advantage"] for c in numbers["grpo"]["candidates"]] == pytest.approx([-0.25 / std, -0.25 / std, 0.5 / std])
+
+    update = alice.predict(algorithm="dpo", settings={"learning_rate": 3e-4}, api_name="/apply_update")
+    assert update["applied"] and update["version"] == "v1", update["message"]
+    assert [v["id"] for v in alice.predict(api_name="/versions") if v["current"]] == ["v1"]
+    assert room.store.updates()[-1]["who"] == "alice"
+
+    new = alice.predict(prompt=PROMPT, n=2, seed=9, version="v1", api_name="/sample")
+    base = alice.predict(prompt=PROMPT, n=2, seed=9, version="v0", api_name="/sample")
+    assert len(new) == 2
+    assert np.abs(np.asarray(Image.open(new[0]), float) - np.asarray(Image.open(base[0]), float)).max() > 0
+
+    parquet = alice.predict(kind="pickapic", api_name="/export")
+    rows = datasets.load_dataset("parquet", data_files=parquet, split="train")
+    assert len(rows) == 3 and set(rows["caption"]) == {PROMPT}
+    assert sorted(zip(rows["label_0"], rows["label_1"])) == [(0.0, 1.0), (0.0, 1.0), (0.5, 0.5)]
+
+    assert alice.predict(version_id="v0", api_name="/rollback")["current"]
+    assert room.policy.version == "v0"
+
+
+def test_every_route_refuses_a_caller_who_has_not_logged_in(server):
+    url, _, _ = server
+    with pytest.raises(Exception, match="credentials were not provided"):
+        Client(url, verbose=False)
+    refused = {}
+    for path, method in [("config", "GET"), ("gradio_api/info", "GET"), ("gradio_api/openapi.json", "GET"),
+                         ("gradio_api/queue/join", "POST"), ("gradio_api/call/rank", "POST"),
+                         ("gradio_api/call/apply_update", "POST"), ("gradio_api/run/export", "POST"),
+                         ("gradio_api/api/versions", "POST"), ("gradio_api/upload", "POST"),
+                         ("gradio_api/file=app.py", "GET"), ("monitoring", "GET")]:
+        response = httpx.request(method, url + path, json={"data": []})
+        refused[path] = response.status_code
+    assert all(code in (401, 403, 404) for code in refused.values()), refused
+    assert refused["gradio_api/call/rank"] == 401 and refused["gradio_api/queue/join"] == 401
+
+
+def test_a_wrong_password_is_refused(server):
+    url, _, _ = server
+    with pytest.raises(Exception):
+        Client(url, auth=("alice", "not-her-password"), verbose=False)
+
+
+def test_an_expert_ranks_but_cannot_update_or_roll_back(server):
+    url, room, _ = server
+    group = room.generate(PROMPT, seed=11)
+    ids = [c.id for c in group.survivors]
+    bob = client(url, "bob")
+    with pytest.raises(Exception, match="cannot rank as 'alice'"):
+        bob.predict(group_id=group.id, tiers=[ids], expert="alice", api_name="/rank")
+    assert bob.predict(group_id=group.id, tiers=[[i] for i in ids], api_name="/rank")["level"] == 2
+    versions_before = room.versions()
+    with pytest.raises(Exception, match="only an admin can apply an update; bob is an expert"):
+        bob.predict(algorithm="grpo", api_name="/apply_update")
+    with pytest.raises(Exception, match="only an admin can roll back"):
+        bob.predict(version_id="v0", api_name="/rollback")
+    assert room.versions() == versions_before and room.store.updates()[-1]["who"] != "bob"
+    with pytest.raises(Exception, match="already ranked group"):
+        bob.predict(group_id=group.id, tiers=[ids], api_name="/rank")
+
+
+def test_bad_input_gets_a_clear_message(server):
+    url, _, _ = server
+    alice = client(url, "alice")
+    with pytest.raises(Exception, match="limit is 300"):
+        alice.predict(prompt="CT: " + "x" * 400, api_name="/generate")
     with pytest.raises(Exception, match="prompt is empty"):
-        served.predict("", 2, 0, 5, 5.0, api_name="/generate")
+        alice.predict(prompt="  ", api_name="/generate")
+    with pytest.raises(Exception, match="unknown export kind 'csv'"):
+        alice.predict(kind="csv", api_name="/export")
+    with pytest.raises(Exception, match="unknown update settings lr"):
+        alice.predict(algorithm="grpo", settings={"lr": 1}, api_name="/apply_update")
+    with pytest.raises(Exception, match="unknown group 'nope'"):
+        alice.predict(group_id="nope", api_name="/losses")
+
+
+def test_local_mode_needs_a_name_to_rank_and_no_login(tmp_path):
+    room = ControlRoom(workdir=tmp_path, config=CONFIG)
+    page = serve(RoomAPI(room), block=False)
+    try:
+        local = Client(page.local_url, verbose=False)
+        group = local.predict(prompt=PROMPT, n=2, seed=3, api_name="/generate")
+        ids = [c["id"] for c in group["survivors"]]
+        with pytest.raises(Exception, match="type your name first"):
+            local.predict(group_id=group["id"], tiers=[ids], api_name="/rank")
+        stored = local.predict(group_id=group["id"], tiers=[ids], expert="carol", level=2, api_name="/rank")
+        assert (stored["expert"], stored["level"]) == ("carol", 2)
+    finally:
+        page.close()

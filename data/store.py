@@ -260,7 +260,7 @@ class Store:
         Nothing is reserved: experts asking at the same instant may get the same group.
         """
         with self._session() as s:
-            answered = select(Ranking.group_id).where(Ranking.expert_id == self._expert(s, expert).id)
+            answered = select(Ranking.group_id).join(Expert).where(Expert.name == expert)  # none for a newcomer
             group = s.scalars(
                 select(Group).where(Group.ranked_by < Group.wanted_rankings, Group.id.not_in(answered))
                 .order_by(Group.created_at, Group.id).limit(1)

@@ -1,9 +1,13 @@
 """The control room end to end in Python: generate, rank, losses, update, sample, versions, rollback, export, restart."""
 
+import io
 import math
+import zipfile
+from pathlib import Path
 
 import datasets
 import numpy as np
+import pydicom
 import pytest
 
 from optim.rewards import RankingError
@@ -67,3 +71,84 @@ def test_a_group_with_no_survivor_is_stored_and_says_why(tmp_path):
     assert all(r.reasons[-1].endswith("below 1.01") for r in group.rejected)
     with pytest.raises(ValueError, match=f"group {group.id} has no candidate that passed the selector"):
         room.losses(group.id)
+
+
+def test_import_keeps_good_rows_reports_bad_ones_and_exports_no_patient_tag(tmp_path):
+    demo = Path(__file__).resolve().parent.parent / "data" / "demo" / "images"
+    archive = tmp_path / "ratings.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(demo / "0001.dcm", "scans/0001.dcm")
+        zipped.write(demo / "0000.png", "scans/0000.png")
+        zipped.writestr("ratings.csv", "image_path,rating,modality,expert_level,prompt\n"
+                        "scans/0001.dcm,3,MRI,2,MRI: axial brain\n"
+                        "scans/0000.png,7,OCT,1,OCT: retinal layers\n"
+                        "scans/missing.png,2,OCT,1,OCT: retinal layers\n"
+                        "scans/0000.png,1,OCT,3,OCT: retinal layers\n")
+    room = ControlRoom(workdir=tmp_path / "run", config=CONFIG)
+    report = room.import_ratings(archive, imported_by="alice")
+    assert report["imported"] == 2 and report["rejected_rows"] == 2
+    assert report["errors"][0].startswith("row 3: rating:") and report["errors"][1].startswith("row 4: image_path:")
+    assert room.counts()["imported_per_modality"] == {"MRI": 1, "OCT": 1}
+
+    exported = room.export("ratings_csv", tmp_path / "ratings-out.zip")
+    with zipfile.ZipFile(exported) as zipped:
+        csv_text = zipped.read("medical_ratings.csv").decode()
+        assert "MRI: axial brain" in csv_text and ",3,MRI,2," in csv_text
+        everything = b"".join(zipped.read(name) for name in zipped.namelist())
+    assert b"MUSTERMANN" not in everything and b"DEMO00001" not in everything
+
+    # with DICOM: de-identified Secondary Captures, the method recorded
+    with zipfile.ZipFile(room.export("ratings_csv", tmp_path / "dicom.zip", dicom=True)) as zipped:
+        files = [n for n in zipped.namelist() if n.endswith(".dcm")]
+        assert len(files) == 2
+        for name in files:
+            ds = pydicom.dcmread(io.BytesIO(zipped.read(name)))
+            assert ds.PatientIdentityRemoved == "YES" and "MUSTERMANN" not in str(ds.get("PatientName", ""))
+
+
+def test_an_archive_that_climbs_out_of_its_folder_is_refused_whole(tmp_path):
+    from data.ratings import RatingsFileError
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("ratings.csv", "image_path,rating,modality,expert_level,prompt\n")
+        zipped.writestr("../../escaped.txt", "x")
+    room = ControlRoom(workdir=tmp_path / "run", config=CONFIG)
+    with pytest.raises(RatingsFileError, match="would unpack outside"):
+        room.import_ratings(archive, imported_by="alice")
+    assert not (tmp_path / "escaped.txt").exists() and room.counts()["imported_per_modality"] == {}
+
+
+def test_overlap_sends_that_share_of_groups_to_two_experts_and_agreement_follows(tmp_path):
+    room = ControlRoom(workdir=tmp_path, config=CONFIG)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        room.set_overlap(1.5)
+    room.set_overlap(0.5)
+    groups = [room.generate(PROMPT, seed=s) for s in range(4)]
+    assert [room.store.get_group(g.id)["wanted_rankings"] for g in groups] == [1, 2, 1, 2]
+    first, second = ([s.id for s in g.survivors] for g in groups[:2])
+    a, b, c = second
+    room.rank(second_id := groups[1].id, [[a], [b], [c]], expert="ann", level=3, seconds=2.0)
+    assert room.next_group("bob").id == groups[0].id
+    room.rank(groups[0].id, [first], expert="bob")
+    assert room.next_group("bob").id == second_id  # still waiting for its second expert
+    room.rank(second_id, [[a], [c], [b]], expert="bob", seconds=4.0)
+    # ann a > b > c, bob a > c > b: one of three pairs discordant, tau_b = (2 - 1) / 3
+    assert room.agreement() == [{"expert_a": "ann", "expert_b": "bob", "groups": 1, "defined": 1, "tau_b": pytest.approx(1 / 3)}]
+    assert [(e["expert"], e["level"], e["rankings"], e["median_seconds"]) for e in room.experts()] == [
+        ("ann", 3, 1, 2.0), ("bob", 1, 2, 4.0)]
+    assert room.overlap == 0.5
+    room.store.close()
+    assert ControlRoom(workdir=tmp_path, config=CONFIG).overlap == 0.5  # kept across restarts
+
+
+def test_history_has_a_row_per_version_with_loss_kl_rating_and_quality(tmp_path):
+    room = ControlRoom(workdir=tmp_path, config=CONFIG)
+    group = room.generate(PROMPT, seed=1)
+    a, b, c = (s.id for s in group.survivors)
+    room.rank(group.id, [[a], [b], [c]], expert="ann", ratings={a: 3, b: 2, c: 1})
+    room.apply_update("dpo", who="ann")
+    first, second = room.history()
+    assert (first["id"], first["loss"], first["rating"]) == ("v0", None, pytest.approx(0.5))  # mean of 3, 2, 1 -> 2 -> 0.5
+    assert 0 < first["quality"] <= 1
+    assert second["id"] == "v1" and second["loss"] > 0 and second["kl"] > 0 and second["rating"] is None

@@ -187,9 +187,10 @@ class ControlRoom:
             self.version_store.set_current(version_id)
         return next(v for v in self.versions() if v["id"] == version_id)
 
-    def export(self, kind: str, path: str | Path) -> Path:
-        """Every ranked group as a preference dataset (``data.export`` kinds), experts pseudonymised."""
-        return export(kind, self._records(), path, secret=self._secret())
+    def export(self, kind: str, path: str | Path, dicom: bool = False) -> Path:
+        """Every ranked group as a preference dataset (``data.export`` kinds), experts pseudonymised;
+        ``dicom`` adds de-identified DICOM copies to the ratings_csv zip."""
+        return export(kind, self._records(), path, secret=self._secret(), dicom=dicom)
 
     # ------------------------------------------------------------------ browsing, data and settings
 
@@ -308,7 +309,7 @@ class ControlRoom:
             candidate = f"import-{row['id']}"
             records.append(RankedGroupRecord(
                 candidate, row["prompt"], [CandidateRecord(candidate, self.store.blobs.get(row["image"]), "imported")], [],
-                row["modality"], (RatingRecord(candidate, row["imported_by"], row["level"], row["rating"]),)))
+                row["modality"], (RatingRecord(candidate, row["imported_by"], row["level"], _number(row["rating"])),)))
         return sorted(records, key=lambda record: record.group_id)
 
     def _secret(self) -> str:
@@ -324,6 +325,11 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _number(value: float) -> int | float:
+    """A rating as the file had it: 3, not 3.0, when it is whole."""
+    return int(value) if float(value).is_integer() else value
 
 
 def _when(iso: str) -> datetime:

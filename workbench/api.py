@@ -111,10 +111,10 @@ class RoomAPI:
         self.require_admin(caller, "change the overlap")
         self.room.set_overlap(share)
 
-    def export(self, kind: str) -> Path:
+    def export(self, kind: str, dicom: bool = False) -> Path:
         if kind not in EXPORT_FILES:
             raise ValueError(f"unknown export kind {kind!r}; expected one of {', '.join(EXPORT_FILES)}")
-        return self.room.export(kind, self.new_outbox_folder() / EXPORT_FILES[kind])
+        return self.room.export(kind, self.new_outbox_folder() / EXPORT_FILES[kind], dicom=dicom)
 
     # ------------------------------------------------------------------ files for browsers and clients
 
@@ -230,10 +230,11 @@ def register_api(api: RoomAPI) -> None:
         return api.rollback(api.caller(request, expert), version_id)
 
     @clear_errors
-    def export(kind: str, expert: str = "", request: gr.Request = None) -> gr.FileData:
-        """Every ranking as a dataset: pickapic, trl, groups (parquet) or ratings_csv (zip)."""
+    def export(kind: str, dicom: bool = False, expert: str = "", request: gr.Request = None) -> gr.FileData:
+        """Every ranking as a dataset: pickapic, trl, groups (parquet) or ratings_csv (zip; dicom=True
+        adds de-identified DICOM copies)."""
         api.caller(request, expert)
-        path = api.export(kind)
+        path = api.export(kind, dicom)
         return gr.FileData(path=str(path), orig_name=path.name)
 
     for function in (generate, losses, apply_update, sample, rollback):

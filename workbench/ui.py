@@ -146,6 +146,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             counts_text = gr.Markdown()
             with gr.Row():
                 export_kind = gr.Dropdown(list(EXPORT_FILES), value="pickapic", label="Dataset")
+                export_dicom = gr.Checkbox(label="ratings_csv: add de-identified DICOM copies")
                 export_button = gr.Button("Prepare download", elem_id="export")
                 export_file = gr.File(label="Download", elem_id="export-file")
             with gr.Group(visible=local) as admin_import:
@@ -315,9 +316,9 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                     f"| expert | rankings | skipped |\n|---|---|---|\n{expert}")
 
         @clear_errors
-        def on_export(kind, name_value, level_value, request: gr.Request):
+        def on_export(kind, dicom, name_value, level_value, request: gr.Request):
             caller(request, name_value, level_value)
-            return str(api.export(kind))
+            return str(api.export(kind, dicom and kind == "ratings_csv"))
 
         @clear_errors
         def on_import(file, name_value, level_value, request: gr.Request):
@@ -377,7 +378,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                              [gallery_a, gallery_b], **gpu)
         rollback_button.click(on_rollback, [rollback_to, *me], [models_status], **gpu).then(
             models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
-        export_button.click(on_export, [export_kind, *me], [export_file], **quick)
+        export_button.click(on_export, [export_kind, export_dicom, *me], [export_file], **quick)
         import_button.click(on_import, [import_file, *me], [import_report, counts_text], **quick)
         experts_tab.select(experts_view, me, [experts_table, agreement_table, overlap, experts_status], **quick)
         overlap_button.click(on_overlap, [overlap, *me], [experts_status], **quick)

@@ -8,10 +8,10 @@ and renamed into place, so a crash never leaves a half-written blob under a real
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from data.files import write_atomically
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -31,16 +31,7 @@ class BlobStore:
         path = self.path(digest)
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
-            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(content)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temp, path)
-            except BaseException:
-                Path(temp).unlink(missing_ok=True)
-                raise
+            write_atomically(path, lambda temporary: temporary.write_bytes(content))
         return digest
 
     def get(self, digest: str) -> bytes:

@@ -35,14 +35,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import os
 import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +50,7 @@ from datasets import Features, Image as ImageFeature, List, Value
 from PIL import Image
 
 from data.deid import Deidentifier, deidentify_file
+from data.files import write_atomically
 from data.images import write_secondary_capture
 from data.modalities import DICOM_MODALITY, canonical_modality
 from data.ratings import write_ratings
@@ -123,14 +123,14 @@ def export(kind: str, records: Iterable[RankedGroupRecord], path: str | Path, *,
     _key(secret)  # an empty secret fails here, before any work
     records = list(records)
     if kind == "ratings_csv":
-        return _write_atomically(Path(path), lambda temporary: _write_ratings_zip(records, temporary, secret, dicom))
+        return write_atomically(Path(path), lambda temporary: _write_ratings_zip(records, temporary, secret, dicom))
     features, rows = {  # generators: only the chosen one runs
         "pickapic": (PICKAPIC_FEATURES, _pickapic_rows(records, secret)),
         "trl": (TRL_FEATURES, _trl_rows(records)),
         "groups": (GROUPS_FEATURES, _groups_rows(records, secret)),
     }[kind]
     table = pa.Table.from_pylist(list(rows), schema=features.arrow_schema)  # the schema carries the HF features
-    return _write_atomically(Path(path), lambda temporary: pq.write_table(table, temporary))
+    return write_atomically(Path(path), lambda temporary: pq.write_table(table, temporary))
 
 
 def pseudonym(expert: str, secret: bytes | str) -> int:
@@ -257,17 +257,3 @@ def _file_stem(identifier: CandidateId) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
         raise ValueError(f"id {text!r} cannot be a file name: use letters, digits, '_', '.' and '-'")
     return text
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write`` on a temporary file in ``path``'s folder, then rename it to ``path`` (os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

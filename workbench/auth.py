@@ -17,17 +17,17 @@ import getpass
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import yaml
+
+from data.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -194,16 +194,7 @@ def add_user(path, name: str, password: str, role: str = "expert", level: int = 
     users = [user if u.name == name else u for u in users] if exists else users + [user]
     text = yaml.safe_dump({"users": [dict(username=u.name, password_hash=u.password_hash, role=u.role, level=u.level)
                                      for u in users]}, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: mode 0o600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))  # mode 0o600
     return user
 
 

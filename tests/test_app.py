@@ -145,3 +145,15 @@ def test_local_mode_needs_a_name_to_rank_and_no_login(tmp_path):
         assert (stored["expert"], stored["level"]) == ("carol", 2)
     finally:
         page.close()
+
+
+def test_a_logged_in_user_gets_only_the_files_handed_out(server):
+    url, room, folder = server
+    session = httpx.Client(base_url=url)
+    assert session.post("login", data={"username": "bob", "password": PASSWORDS["bob"]}).status_code == 200
+    room.export("groups", folder / "groups.parquet")  # makes the export key file
+    for private in [folder / "users.yaml", folder / "run" / "workbench.db", room.workdir / "export.secret"]:
+        assert private.exists()
+        assert session.get(f"gradio_api/file={private}").status_code == 403, private
+    handed_out = client(url, "bob").predict(kind="groups", api_name="/export")
+    assert handed_out.endswith("ranking-groups.parquet")

@@ -166,11 +166,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
 
         # ================================================================== handlers
 
-        def show(state: Ranking, group: RoomGroup | None, message: str):
+        def show(state: Ranking, group: RoomGroup, message: str):
             """Fill the slots with a group's survivors, shuffled; reset this session's ranking."""
-            if group is None:
-                state.group_id, state.order, state.tiers = None, [], []
-                return [state, message, state.describe(), []] + _slots([], [])
             shuffled = group.survivors[:]
             random.shuffle(shuffled)
             state.group_id, state.order, state.tiers, state.started = group.id, [c.id for c in shuffled], [], time.time()
@@ -183,9 +180,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
         @clear_errors
         def on_generate(text, seed_value, state, name_value, level_value, request: gr.Request,
                         progress=gr.Progress()):
-            progress(0, desc="drawing candidates")
-            report = lambda drawn, kept, budget: progress(drawn / budget, desc=f"{kept} passed of {drawn} drawn")  # noqa: E731
-            group = api.generate(caller(request, name_value, level_value), text, None, seed_value, on_batch=report)
+            group = api.generate(caller(request, name_value, level_value), text, None, seed_value,
+                                 on_batch=_drawing(progress))
             return show(state, group, "")
 
         @clear_errors
@@ -198,9 +194,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             lines = [line for line in queue_text.splitlines() if line.strip()]
             if not lines:
                 raise ValueError("the prompt queue is empty: add prompts, one per line")
-            progress(0, desc="drawing candidates")
-            report = lambda drawn, kept, budget: progress(drawn / budget, desc=f"{kept} passed of {drawn} drawn")  # noqa: E731
-            group = api.generate(who_, lines[0], None, seed_value, on_batch=report)
+            group = api.generate(who_, lines[0], None, seed_value, on_batch=_drawing(progress))
             return ["\n".join(lines[1:] + lines[:1]), *show(state, group, "")]
 
         def on_pick(slot: int):
@@ -238,6 +232,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             """Store this session's ranking (or skip) of its group, with the ratings given and the time taken."""
             if state.group_id is None:
                 raise ValueError("no group to rank: Generate or Next first")
+            if not state.order and not skipped:
+                raise ValueError("no candidate of this group passed the selector: nothing to rank; press Next")
             if not skipped and len(state.placed()) < len(state.order):
                 left = [str(k + 1) for k in range(len(state.order)) if k not in state.placed()]
                 raise ValueError(f"place every candidate first (still to place: {', '.join(left)}); tie those you cannot tell apart")
@@ -256,11 +252,11 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             numbers = room.losses(state.group_id)
             label = {cid: f"{k + 1}" for k, cid in enumerate(state.order)}
             g, d = numbers["grpo"], numbers["dpo"]
-            grpo = pd.DataFrame([{"candidate": label.get(c["id"], c["id"]), "id": c["id"], **{k: c[k] for k in
+            grpo = pd.DataFrame([{"candidate": label.get(c["id"], c["id"]), "id": c["id"], **{k: _shown(c[k]) for k in
                                   ("reward", "advantage", "ratio", "kl")}} for c in g["candidates"]])
             dpo = pd.DataFrame([{"winner": label.get(p["winner"]), "loser": label.get(p["loser"]), "weight": p["weight"],
-                                 "margin": p["margin"], "winner reward": p["winner_reward"],
-                                 "loser reward": p["loser_reward"], "loss": p["loss"]} for p in d["pairs"]])
+                                 "margin": _shown(p["margin"]), "winner reward": _shown(p["winner_reward"]),
+                                 "loser reward": _shown(p["loser_reward"]), "loss": _shown(p["loss"])} for p in d["pairs"]])
             dpo_total = ("no ordered pair (all tied)" if d["loss"] is None else
                          f"loss **{d['loss']:.4f}**, accuracy {d['accuracy']:.2f}, beta {d['beta']:g}")
             text = (f"Group `{state.group_id}`. GRPO: loss **{g['loss']:.4g}**, mean KL {g['kl']:.3g} "
@@ -384,6 +380,17 @@ def build_page(api: RoomAPI) -> gr.Blocks:
         overlap_button.click(on_overlap, [overlap, *me], [experts_status], **quick)
         register_api(api)
     return page
+
+
+def _shown(value: float) -> float:
+    """Four significant digits for a table: small KLs stay visible, long tails go."""
+    return float(f"{value:.4g}")
+
+
+def _drawing(progress: gr.Progress):
+    """The rejection sampler's per-batch report as the page's progress bar."""
+    progress(0, desc="drawing candidates")
+    return lambda drawn, kept, budget: progress(drawn / budget, desc=f"{kept} passed of {drawn} drawn")
 
 
 def _slots(images: list, candidates: list) -> list:

@@ -91,7 +91,7 @@ def main() -> None:
 
     busy_groups = [room.generate(PROMPT, seed=s) for s in (3, 4)]
     room.rank(idle_groups[0].id, [[c.id] for c in idle_groups[0].survivors], expert="admin")
-    updater = threading.Thread(target=admin.predict, kwargs=dict(algorithm="grpo", settings={"optimizer_steps": 40},
+    updater = threading.Thread(target=admin.predict, kwargs=dict(algorithm="grpo", settings={"optimizer_steps": 8},
                                                                  api_name="/apply_update"))
     updater.start()
     while not room.model_lock.locked():

@@ -250,6 +250,10 @@ class Store:
                         wanted_rankings=wanted_rankings, candidates=rows))
         return group_id
 
+    def group_count(self) -> int:
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(Group))
+
     def get_group(self, group_id: str) -> dict:
         with self._session() as s:
             return _group_dict(self._group(s, group_id))

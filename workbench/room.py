@@ -270,7 +270,7 @@ class ControlRoom:
     # ------------------------------------------------------------------ helpers
 
     def _wanted_rankings(self) -> int:
-        share, made = self.overlap, self.store.counts()["groups"]
+        share, made = self.overlap, self.store.group_count()
         return 2 if math.floor((made + 1) * share) > math.floor(made * share) else 1
 
     def _ranked_group(self, group_id: str) -> RankedGroup:

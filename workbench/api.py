@@ -80,9 +80,10 @@ class RoomAPI:
     # ------------------------------------------------------------------ the verbs
 
     def generate(self, caller: Caller, prompt: str, n: int | None = None, seed: int = 0, on_batch=None) -> RoomGroup:
-        if len(prompt or "") > MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        return self.room.generate(prompt, n, int(seed), on_batch=on_batch)
+        return self.room.generate(_short(prompt), n, int(seed), on_batch=on_batch)
+
+    def sample(self, caller: Caller, prompt: str, n: int = 4, seed: int = 0, version: str | None = None) -> list:
+        return self.room.sample(_short(prompt), n, int(seed), version or None)
 
     def rank(self, caller: Caller, group_id: str, tiers: list, ratings: dict | None = None, skipped: bool = False,
              seconds: float | None = None) -> dict:
@@ -149,6 +150,13 @@ class RoomAPI:
         }
 
 
+def _short(prompt: str) -> str:
+    """The prompt, refused when over the limit (a page's text box limits typing; API clients are checked here)."""
+    if len(prompt or "") > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    return prompt
+
+
 def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
     """The room's update defaults with the page's or client's main settings applied; unknown names refused."""
     top = {"learning_rate": float, "optimizer_steps": int, "kl_budget": float}
@@ -213,10 +221,8 @@ def register_api(api: RoomAPI) -> None:
     def sample(prompt: str, n: int = 4, seed: int = 0, version: str = "", expert: str = "",
                request: gr.Request = None) -> list[gr.FileData]:
         """Plain samples from any version (the current one by default), no selector."""
-        api.caller(request, expert)
-        if len(prompt or "") > MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-        return api.files(room.sample(prompt, n, seed, version or None), f"sample-{version or 'current'}")
+        images = api.sample(api.caller(request, expert), prompt, n, seed, version)
+        return api.files(images, f"sample-{version or 'current'}")
 
     @clear_errors
     def versions(expert: str = "", request: gr.Request = None) -> list[dict]:

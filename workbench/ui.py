@@ -293,9 +293,9 @@ def build_page(api: RoomAPI) -> gr.Blocks:
 
         @clear_errors
         def on_compare(a, b, text, seed_value, name_value, level_value, request: gr.Request):
-            caller(request, name_value, level_value)
-            return ([_enlarged(i) for i in room.sample(text, 4, int(seed_value), a)],
-                    [_enlarged(i) for i in room.sample(text, 4, int(seed_value), b)])
+            who_ = caller(request, name_value, level_value)
+            return ([_enlarged(i) for i in api.sample(who_, text, 4, seed_value, a)],
+                    [_enlarged(i) for i in api.sample(who_, text, 4, seed_value, b)])
 
         @clear_errors
         def on_rollback(target, name_value, level_value, request: gr.Request):

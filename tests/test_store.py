@@ -1,4 +1,8 @@
-"""The store: groups and blobs round-trip, rankings are checked and never lost or doubled, a restart forgets nothing."""
+"""The store: groups and blobs round-trip, rankings are checked and never lost or doubled, a restart forgets nothing.
+
+Every test that takes ``store`` or ``store_url`` runs on SQLite and on a real PostgreSQL server
+(tests/conftest.py starts one per session; skipped with the reason where its binaries are missing).
+"""
 
 import hashlib
 import json
@@ -14,8 +18,8 @@ PROMPT = "OCT: retinal layers with subretinal fluid"
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "work")
+def store(tmp_path, store_url):
+    store = Store(tmp_path / "work", store_url)
     yield store
     store.close()
 
@@ -110,15 +114,15 @@ def test_a_second_ranking_by_the_same_expert_is_refused(store):
     assert [r["tiers"] for r in store.rankings()] == [[[f"{g}-c0"], [f"{g}-c1"]]]
 
 
-def test_a_restart_loses_nothing(tmp_path):
-    store = Store(tmp_path / "work")
+def test_a_restart_loses_nothing(tmp_path, store_url):
+    store = Store(tmp_path / "work", store_url)
     _experts(store, "alice")
     pending, ranked = _group(store), _group(store, tag=b"2")
     store.add_ranking(ranked, "alice", [[f"{ranked}-c0", f"{ranked}-c1"]], seconds=3.0)
     before = (store.get_group(pending), store.get_group(ranked), store.rankings())
     store.close()
 
-    reopened = Store(tmp_path / "work")
+    reopened = Store(tmp_path / "work", store_url)
     assert (reopened.get_group(pending), reopened.get_group(ranked), reopened.rankings()) == before
     assert reopened.get_group(pending)["status"] == "pending"
     assert reopened.next_group_for("alice")["id"] == pending
@@ -216,9 +220,29 @@ def test_the_same_ranking_sent_twice_at_once_is_stored_once(store):
     assert sorted(outcomes, key=str)[1].endswith("one ranking per expert")
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(store):
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path):
+    store = Store(tmp_path / "work")
     assert (store.engine.url.database or "").endswith("workbench.db")
     with store.engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert connection.execute(text("PRAGMA busy_timeout")).scalar() > 0
+    store.close()
+
+
+def test_postgresql_is_a_real_server_with_foreign_keys(tmp_path, postgres):
+    """The PostgreSQL cases really run on PostgreSQL, which enforces what SQLite needs a pragma for."""
+    with postgres.database() as url:
+        store = Store(tmp_path / "work", url)
+        try:
+            with store.engine.connect() as connection:
+                assert connection.execute(text("SELECT version()")).scalar().startswith("PostgreSQL ")
+            with pytest.raises(StoreError, match="update names unknown groups: nope"):
+                store.record_update("admin", "grpo", ["nope"], applied=True)
+            _experts(store, "alice")
+            g = _group(store)
+            with pytest.raises(Exception, match="foreign key"):
+                with store.engine.begin() as connection:
+                    connection.execute(text("INSERT INTO update_groups (update_id, group_id) VALUES (999, :g)"), {"g": g})
+        finally:
+            store.close()

@@ -62,41 +62,66 @@ class GRPOStepTerms:
     kl: torch.Tensor  # (n,) KL of the step kernel to the reference
     clipped: torch.Tensor  # (n,) bool: the clip was active for this candidate
     approx_kl: torch.Tensor  # scalar: 0.5 mean (log_prob - old)^2, the usual PPO diagnostic
+    mean: torch.Tensor  # (n, ...) the step kernel's mean under the current weights (the trust region's KL)
+    std: float  # the step kernel's std (fixed by the schedule)
 
 
-def grpo_step(policy: Policy, trajectory: Trajectory, step: int, advantages: torch.Tensor, config: GRPOConfig) -> GRPOStepTerms:
-    """The GRPO loss of one stored denoising step of one group, under the current weights."""
+def grpo_step(policy: Policy, trajectory: Trajectory, step: int, advantages: torch.Tensor, config: GRPOConfig,
+              reference_mean: torch.Tensor | None = None) -> GRPOStepTerms:
+    """The GRPO loss of one stored denoising step of one group, under the current weights.
+
+    ``reference_mean``: the reference policy's kernel mean at this step, when the caller has it
+    already (it does not change during an update); computed here otherwise.
+    """
     log_prob, mean, std = policy.score_step(trajectory, step)
-    with torch.no_grad(), policy.reference():
-        _, reference_mean, _ = policy.score_step(trajectory, step)
+    if reference_mean is None:
+        reference_mean = reference_kernel_mean(policy, trajectory, step)
     old = trajectory.log_probs[:, step].to(log_prob.device)
     advantages = advantages.to(log_prob.device)
     ratio = torch.exp(log_prob - old)
     clipped_ratio = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
     surrogate = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
-    kl = gaussian_kl(mean, reference_mean, std)
+    kl = gaussian_kl(mean, reference_mean.to(mean.device), std)
     return GRPOStepTerms(
         loss=(surrogate + config.kl_weight * kl).mean(),
         ratio=ratio.detach(),
         kl=kl.detach(),
         clipped=((ratio - 1.0).abs() > config.clip_range).detach(),
         approx_kl=(0.5 * (log_prob - old) ** 2).mean().detach(),
+        mean=mean.detach(),
+        std=std,
     )
 
 
-def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], run_step) -> dict:
-    """Every stored step of every group through ``run_step``, and the metrics averaged over them.
+@torch.no_grad()
+def reference_kernel_mean(policy: Policy, trajectory: Trajectory, step: int) -> torch.Tensor:
+    """The reference policy's (adapters disabled) step-kernel mean at a stored step."""
+    with policy.reference():
+        return policy.score_step(trajectory, step)[1]
+
+
+def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], run_step,
+              weights: list[float] | None = None, steps: list[list[int]] | None = None) -> dict:
+    """The trained steps of every group through ``run_step``, and the metrics averaged over them.
 
     ``run_step(trajectory, step, advantage, weight, last)`` computes that step's ``GRPOStepTerms``
-    and, when training, back-propagates ``weight * terms.loss`` (the weights sum to 1 over the pass);
-    ``last`` marks the final call, where a distributed run synchronises gradients. The in-process
-    update (``optim.update``) and the accelerate trainer (``optim.train``) differ only in that function.
+    and, when training, back-propagates ``weight * terms.loss``; ``last`` marks the final call, where
+    a distributed run synchronises gradients. The in-process update (``optim.update``) and the
+    accelerate trainer (``optim.train``) differ only in that function.
+
+    ``weights``: one loss weight per group (default equal; updates pass ``RankedGroup.weight()``, the
+    experts' levels); ``steps``: the stored steps trained per group (default all). Each group's weight
+    is spread evenly over its trained steps, and the weights of the calls sum to 1.
     """
-    calls = [(t, j, a) for t, a in zip(trajectories, advantages) for j in range(len(t.timesteps))]
-    weight = 1.0 / len(calls)
+    steps = steps if steps is not None else [list(range(len(t.timesteps))) for t in trajectories]
+    weights = weights if weights is not None else [1.0] * len(trajectories)
+    total = sum(weights)
+    if not total > 0:
+        raise ValueError("the groups' weights sum to zero: nothing to learn from")
+    calls = [(t, j, a, w / total / len(s)) for t, a, w, s in zip(trajectories, advantages, weights, steps) for j in s]
     totals = dict.fromkeys(("loss", "approx_kl", "kl_to_reference", "clip_fraction"), 0.0)
     ratios = []
-    for i, (trajectory, step, advantage) in enumerate(calls):
+    for i, (trajectory, step, advantage, weight) in enumerate(calls):
         terms = run_step(trajectory, step, advantage, weight, i == len(calls) - 1)
         for key, value in zip(totals, (terms.loss, terms.approx_kl, terms.kl.mean(), terms.clipped.float().mean())):
             totals[key] += value.item() * weight

@@ -3,7 +3,7 @@
 Per candidate: reward, advantage, log-prob ratio (exactly 1.0 while the policy is the one that drew
 the group) and KL to the reference; per pair: DPO margin, implicit rewards and loss; and totals.
 Nothing here changes a weight: everything runs without gradients. DPO's timesteps and noise come
-from ``config.seed``, so the same group shows the same numbers every time.
+from a fixed seed (``SHOWN_SEED``), so the same group shows the same numbers every time.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from optim.groups import RankedGroup
 from optim.grpo import group_advantages, grpo_step
 from optim.policy import Policy
 from optim.update import UpdateConfig, dpo_pairs
+
+SHOWN_SEED = 0
 
 
 @torch.no_grad()
@@ -37,7 +39,7 @@ def group_losses(policy: Policy, group: RankedGroup, config: UpdateConfig = Upda
     pairs = group.pairs()
     if not pairs:
         return {"grpo": grpo, "dpo": {"pairs": [], "loss": None, "accuracy": None, "beta": config.dpo.beta}}
-    terms = dpo_terms(policy, *dpo_pairs([group]), config.dpo, torch.Generator().manual_seed(config.seed))
+    terms = dpo_terms(policy, *dpo_pairs([group]), config.dpo, torch.Generator().manual_seed(SHOWN_SEED))
     dpo = {
         "pairs": [
             {"winner": group.candidate_ids[w], "loser": group.candidate_ids[l], "weight": weight,

@@ -1,21 +1,37 @@
 """Applying an update: K optimizer steps on the LoRA weights from ranked groups, then a new version.
 
-One update takes ranked groups (the control room passes those not used yet), runs
-``optimizer_steps`` AdamW steps with gradient-norm clipping on the adapters only, and saves the
-result as a new version (``VersionStore.save`` writes then renames: a crash mid-update leaves the
-last good version current). Guards, each with a plain report and the previous weights restored:
+One update takes ranked groups (the control room passes those not used yet, and may add groups the
+reward model ranked), runs up to ``optimizer_steps`` AdamW steps with gradient-norm clipping on the
+adapters only, and saves the result as a new version (``VersionStore.save`` writes then renames: a
+crash mid-update leaves the last good version current).
 
-- a non-finite loss or gradient: no step is taken and nothing is saved;
-- a trust region: after training, the KL of the new step kernels from the previous version's, on
-  the groups' own stored chains, must stay within ``kl_budget``; otherwise the new version is
-  refused and the previous one stays current.
+What one update trains, and why:
 
+- a subset of each chain's denoising steps (``train_fraction``, DDPO's ``timestep_fraction``), drawn
+  once per update: the cost of a GRPO step is linear in the steps trained, and the learning per step
+  barely depends on which steps are trained (see the README's sweep);
+- each group weighs its experts' levels (``RankedGroup.weight``): a level-3 expert's group counts three
+  times a level-1 expert's, in GRPO as in DPO's pairs; AI-ranked groups weigh the configured AI weight;
+- a fresh seed per update (unless ``seed`` is given) for the trained steps and DPO's timesteps and
+  noise, recorded in the version's metrics.
+
+Guards, each with a plain report:
+
+- a non-finite loss or gradient: no step is taken, nothing is saved, the previous weights stay;
+- a trust region: the KL of the step kernels (on the trained steps of the groups' own stored chains)
+  from the previous version's may not exceed ``kl_budget``. The KL is measured before every optimizer
+  step (for GRPO it comes free with the forward pass) and once after the last: the update stops at
+  the last step within the budget and keeps it, and is refused only when its first step already
+  crosses it.
+
+The reference policy's kernel means do not change during an update, so GRPO computes each once.
 Each update starts a fresh optimizer: a version is its adapter weights and nothing else.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,7 +39,7 @@ import torch
 
 from optim.dpo import DPOConfig, dpo_terms
 from optim.groups import RankedGroup
-from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
+from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step, reference_kernel_mean
 from optim.logprob import gaussian_kl
 from optim.policy import Policy
 from optim.versions import Version, VersionStore
@@ -35,11 +51,13 @@ ALGORITHMS = ("grpo", "dpo")
 class UpdateConfig:
     algorithm: str = "grpo"
     learning_rate: float = 3e-4
-    optimizer_steps: int = 4  # K
+    optimizer_steps: int = 4  # K, at most: the trust region may stop the update earlier
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
-    kl_budget: float = 1e-3  # largest mean step-kernel KL from the previous version (defaults move ~1e-5 per update)
-    seed: int = 0  # DPO's timesteps and noise
+    kl_budget: float = 1e-3  # largest mean step-kernel KL from the previous version
+    train_fraction: float = 1.0  # share of each chain's denoising steps trained (at least one)
+    kl_groups: int = 8  # DPO: the trust region's KL is measured on the first this many groups
+    seed: int | None = None  # trained steps and DPO's timesteps and noise; None: a fresh seed per update
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
@@ -56,18 +74,45 @@ class UpdateRefused(Exception):
     """Raised inside an update to stop it; the message is what the page shows."""
 
 
-def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig) -> dict:
-    """One optimizer step's worth of GRPO gradients over every group and stored step; its metrics."""
+Kernels = dict[tuple[int, int], tuple[torch.Tensor, float]]  # (group index, step) -> (kernel mean, std)
+
+
+def trained_steps(groups: list[RankedGroup], fraction: float, generator: torch.Generator) -> list[list[int]]:
+    """For each group, the stored steps this update trains: a random ``fraction`` of them (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+    plan = []
+    for group in groups:
+        total = len(group.trajectory.timesteps)
+        count = max(1, round(fraction * total))
+        plan.append(sorted(torch.randperm(total, generator=generator)[:count].tolist()))
+    return plan
+
+
+def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig, plan: list[list[int]] | None = None,
+                  references: Kernels | None = None, kernels: Kernels | None = None) -> dict:
+    """One optimizer step's worth of GRPO gradients over the planned steps of every group; its metrics.
+
+    ``references`` caches the reference policy's kernel means across optimizer steps; ``kernels``
+    receives the current policy's kernel means, from which the trust region's KL comes for free.
+    """
     advantages = group_advantages([g.rewards() for g in groups], config.grpo)
+    index = {id(g.trajectory): i for i, g in enumerate(groups)}
+    references = {} if references is None else references
 
     def run_step(trajectory, step, advantage, weight, last):
-        terms = grpo_step(policy, trajectory, step, advantage, config.grpo)
+        key = (index[id(trajectory)], step)
+        if key not in references:
+            references[key] = reference_kernel_mean(policy, trajectory, step)
+        terms = grpo_step(policy, trajectory, step, advantage, config.grpo, reference_mean=references[key])
         check_finite(terms.loss, "GRPO loss")
         if torch.is_grad_enabled():
             (weight * terms.loss).backward()
+        if kernels is not None:
+            kernels[key] = (terms.mean, terms.std)
         return terms
 
-    return grpo_pass([g.trajectory for g in groups], advantages, run_step)
+    return grpo_pass([g.trajectory for g in groups], advantages, run_step, [g.weight() for g in groups], plan)
 
 
 def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,68 +146,107 @@ def check_finite(value: torch.Tensor, what: str) -> None:
         raise UpdateRefused(f"the {what} is not finite ({float(value.flatten()[0])}): no step was taken")
 
 
-def step_kernels(policy: Policy, groups: list[RankedGroup]) -> list[tuple[torch.Tensor, float]]:
-    """(mean, std) of every stored step's kernel under the current weights, group by group."""
-    with torch.no_grad():
-        return [policy.score_step(g.trajectory, j)[1:] for g in groups for j in range(len(g.trajectory.timesteps))]
+@torch.no_grad()
+def step_kernels(policy: Policy, groups: list[RankedGroup], plan: list[list[int]] | None = None) -> Kernels:
+    """(mean, std) of the planned stored steps' kernels (all steps by default) under the current weights."""
+    plan = plan if plan is not None else [list(range(len(g.trajectory.timesteps))) for g in groups]
+    return {(i, j): policy.score_step(g.trajectory, j)[1:] for i, (g, steps) in enumerate(zip(groups, plan)) for j in steps}
 
 
-def kl_between(before: list[tuple[torch.Tensor, float]], after: list[tuple[torch.Tensor, float]]) -> float:
-    """Mean step-kernel KL of ``after`` from ``before`` (the kernels share their std)."""
-    return float(torch.stack([gaussian_kl(new, old, std).mean() for (old, std), (new, _) in zip(before, after)]).mean())
+def kl_between(before: Kernels, after: Kernels) -> float:
+    """Mean step-kernel KL of ``after`` from ``before`` over the steps both hold (they share their std)."""
+    return float(torch.stack([gaussian_kl(after[key][0], mean, std).mean() for key, (mean, std) in before.items()]).mean())
 
 
-def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup], config: UpdateConfig = UpdateConfig()) -> UpdateResult:
-    """Train the adapters on ``groups`` and save a new version, or refuse and keep the current one."""
+def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup], config: UpdateConfig = UpdateConfig(),
+                 on_step=None) -> UpdateResult:
+    """Train the adapters on ``groups`` and save a new version, or refuse and keep the current one.
+
+    ``on_step(done, total)`` is told after each optimizer step (the page's progress bar).
+    """
     if config.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {config.algorithm!r}")
-    unranked = [g.id for g in groups if not g.rankings]
+    unranked = [g.id for g in groups if not g.rankings and g.ai is None]
     if not groups or unranked:
         raise ValueError(f"nothing to learn from: groups without a ranking: {', '.join(unranked)}" if unranked
                          else "nothing to learn from: no ranked groups were given")
     started = time.perf_counter()
+    seed = config.seed if config.seed is not None else secrets.randbits(31)
+    generator = torch.Generator().manual_seed(seed)
+    plan = trained_steps(groups, config.train_fraction, generator)
     previous = policy.lora_state_dict()
     parameters = policy.lora_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = []
+    probe = slice(None) if config.algorithm == "grpo" else slice(config.kl_groups)  # the groups the KL is measured on
+    references: Kernels = {}
+    history, before, stopped = [], None, None
+    last_good, kl_good, taken = previous, 0.0, 0  # the last weights known to be within the budget
     try:
-        before = step_kernels(policy, groups)
-        for _ in range(config.optimizer_steps):
+        for k in range(config.optimizer_steps):
             optimizer.zero_grad(set_to_none=True)
             if config.algorithm == "grpo":
-                metrics = grpo_backward(policy, groups, config)
+                kernels: Kernels = {}
+                metrics = grpo_backward(policy, groups, config, plan, references, kernels)
             else:
+                kernels = step_kernels(policy, groups[probe], plan[probe])
                 metrics = dpo_backward(policy, groups, config, generator)
+            before = kernels if before is None else before
+            kl = kl_between(before, kernels)  # of the weights this step starts from
+            if not math.isfinite(kl) or kl > config.kl_budget:
+                stopped = kl
+                break
+            last_good, kl_good, taken = (policy.lora_state_dict() if k else previous), kl, k
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             check_finite(grad_norm, "gradient norm")
             optimizer.step()
-            history.append({**metrics, "grad_norm": float(grad_norm)})
-        kl = kl_between(before, step_kernels(policy, groups))
-        if not math.isfinite(kl) or kl > config.kl_budget:
-            raise UpdateRefused(
-                f"the update moved the model too far: KL {kl:.4g} from the current version is over the budget "
-                f"{config.kl_budget:g}; lower the learning rate or the number of steps"
-            )
+            history.append({**metrics, "grad_norm": float(grad_norm), "kl_before_step": kl})
+            if on_step is not None:
+                on_step(k + 1, config.optimizer_steps)
+        if stopped is None:
+            kl = kl_between(before, step_kernels(policy, groups[probe], plan[probe]))
+            if not math.isfinite(kl) or kl > config.kl_budget:
+                stopped = kl
+            else:
+                kl_good, taken = kl, len(history)
+        if stopped is not None:
+            if taken == 0:
+                raise UpdateRefused(
+                    f"the update moved the model too far: KL {stopped:.4g} from the current version after one step is over "
+                    f"the budget {config.kl_budget:g}; lower the learning rate"
+                )
+            policy.load_lora_state_dict(last_good)
+            history = history[:taken]
+        kl = kl_good
     except UpdateRefused as refusal:
         policy.load_lora_state_dict(previous)
         kept = policy.version or "the base model"
-        return UpdateResult(False, None, {"steps": history}, f"update refused: {refusal}; {kept} stays current")
+        return UpdateResult(False, None, {"steps": history, "seed": seed}, f"update refused: {refusal}; {kept} stays current")
     except BaseException:  # out of memory, interrupted ...: the weights go back before the error goes on
         policy.load_lora_state_dict(previous)
         raise
+    sources = [g.source for g in groups]
     summary = {
         "algorithm": config.algorithm,
         "groups": [g.id for g in groups],
+        "human_groups": sources.count("human"),
+        "ai_groups": sources.count("ai"),
         "loss_first": history[0]["loss"],
         "loss_last": history[-1]["loss"],
         "kl_from_previous": kl,
+        "optimizer_steps_taken": len(history),
+        "stopped_by_kl_budget": stopped is not None,
+        "seed": seed,
+        "trained_steps": plan,
         "wall_time_s": time.perf_counter() - started,
         "steps": history,
         "config": asdict(config),
     }
     parent = policy.version
     version = policy.save_version(store, algorithm=config.algorithm, metrics=summary)
-    message = (f"{version.id} made from {parent or 'the base model'} by {config.algorithm.upper()} on {len(groups)} group(s): "
+    ai = f" ({summary['ai_groups']} ranked by the reward model)" if summary["ai_groups"] else ""
+    message = (f"{version.id} made from {parent or 'the base model'} by {config.algorithm.upper()} on {len(groups)} group(s){ai}: "
                f"loss {summary['loss_first']:.4g} -> {summary['loss_last']:.4g}, KL {kl:.3g}")
+    if stopped is not None:
+        message += (f"; stopped after {len(history)} of {config.optimizer_steps} steps: the next would cross the KL budget "
+                    f"{config.kl_budget:g}")
     return UpdateResult(True, version, summary, message)

@@ -54,7 +54,7 @@ def denoising_error(policy: Policy, latents, noise, timesteps, prompt_embeds) ->
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = policy.unet(noisy, timesteps, prompt_embeds).sample
+    prediction = policy.predict(noisy, timesteps, prompt_embeds)  # fp32, whatever the model's dtype
     return ((prediction - target) ** 2).flatten(1).mean(dim=1)
 
 

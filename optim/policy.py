@@ -12,6 +12,13 @@ initial latent and every step's noise, so one candidate can be re-drawn alone wi
 The reference policy is the same network with the LoRA adapters disabled (``with
 policy.reference():``). Versions are adapter weights in a ``VersionStore``.
 
+Precision (``dtype``): the frozen networks (UNet base weights, VAE, text encoder) run in bf16, fp16
+or fp32; the LoRA weights stay fp32 (so do their optimizer states), and everything computed from a
+network's output (latents, the stochastic step, log-probabilities, KL, DPO errors) is fp32: the UNet
+input is cast to the model's dtype and its output back to fp32 in one place (``Policy.predict``).
+Sampling and re-scoring run the same casts on the same numbers, so the ratio before an update is
+exactly 1 in every dtype. Default: bf16 on a GPU that supports it, else fp16; fp32 on the CPU.
+
 Command line::
 
     python -m optim.policy sample --prompt "OCT: retinal layers with subretinal fluid" -n 4 --seed 0 --out DIR
@@ -38,6 +45,8 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "g
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MAX_CANDIDATES = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DECODE_CHUNK = 8  # images per VAE decoder call: a group of 64 never decodes at once
 
 
 class ModelLoadError(ValueError):
@@ -54,6 +63,21 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
     """Per-candidate seeds for a group: a prefix-stable stream, so n=2 gives the first two of n=4."""
     stream = random.Random(seed)
     return [stream.getrandbits(31) for _ in range(n)]
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The frozen networks' dtype: the one asked for, or bf16 (fp16 where bf16 is unsupported) on CUDA, fp32 elsewhere."""
+    if dtype is None:
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def check_model_folder(path: Path) -> None:
@@ -90,17 +114,32 @@ class Policy:
         self.prediction_type = self.scheduler.config.prediction_type
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False).eval()
-        # LoRA starts with B = 0, so the adapted network is exactly the base network until trained.
+        # LoRA starts with B = 0, so the adapted network is exactly the base network until trained. A is
+        # drawn from a normal with std 1/r ("gaussian", as ddpo-pytorch, Flow-GRPO and the diffusers DPO example do):
+        # peft's default kaiming-uniform A is 4x smaller here and shrinks with the layer width, which made
+        # every update move the images about ten times less for the same steps.
         with torch.random.fork_rng():
             torch.manual_seed(0)
             self.unet.add_adapter(
-                LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights=True, target_modules=LORA_TARGETS)
+                LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
             )
+        # The adapters were created in the base layers' dtype; they train in fp32 (peft's LoRA layer casts
+        # its input to the adapter's dtype and the sum back to the base layer's).
+        self.dtype = self.unet.dtype
+        for parameter in self.lora_parameters():
+            parameter.data = parameter.data.float()
+        # Activations recomputed in backward instead of kept: on a GPU an update's memory is mostly
+        # activations; on the CPU memory is plentiful and recomputing only costs time.
+        self.gradient_checkpointing = device.type == "cuda"
         self.version: str | None = None
 
     @classmethod
-    def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4) -> "Policy":
-        """Load the embedded default (``model=None``) or a local diffusers folder; cuda when present."""
+    def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4,
+             dtype: str | None = None) -> "Policy":
+        """Load the embedded default (``model=None``) or a local diffusers folder; cuda when present.
+
+        ``dtype``: "bf16", "fp16" or "fp32" for the frozen networks; None picks (see ``resolve_dtype``).
+        """
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()  # before diffusers imports its image processors
@@ -114,13 +153,18 @@ class Policy:
         if model is None and not path.exists():
             raise ModelLoadError(f"the embedded default model is missing at {path}; rebuild it with python -m optim.pretrain")
         check_model_folder(path)
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = resolve_dtype(dtype, target)
         try:
             pipeline = StableDiffusionPipeline.from_pretrained(
-                path, safety_checker=None, requires_safety_checker=False, local_files_only=True, use_safetensors=True
+                path, safety_checker=None, requires_safety_checker=False, local_files_only=True, use_safetensors=True,
+                dtype=torch_dtype,
             )
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not load the pipeline in {path}: {error}") from error
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if target.type == "cuda":  # TF32 matmuls and convolutions for what stays fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline, path.resolve(), target, lora_rank)
@@ -135,6 +179,23 @@ class Policy:
             yield self
         finally:
             self.unet.enable_adapters()
+
+    @contextlib.contextmanager
+    def training(self):
+        """The span of an update: gradient checkpointing on the UNet when ``gradient_checkpointing`` is set.
+
+        diffusers checkpoints its blocks whenever gradients are enabled, whatever ``train()`` says, so
+        the UNet stays in eval mode (no dropout anywhere) and passes under ``no_grad`` (the reference,
+        the trust region) are unaffected. The previous setting comes back afterwards.
+        """
+        was = self.unet.is_gradient_checkpointing
+        if self.gradient_checkpointing and not was:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            yield self
+        finally:
+            if not was and self.unet.is_gradient_checkpointing:
+                self.unet.disable_gradient_checkpointing()
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for name, p in self.unet.named_parameters() if "lora_" in name]
@@ -185,17 +246,21 @@ class Policy:
         tokens = self.tokenizer(
             [prompt, ""], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
-        embeds = self.text_encoder(tokens)[0]
+        embeds = self.text_encoder(tokens)[0].float()  # stored in fp32; exact back in the model's dtype
         return embeds[:1], embeds[1:]
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The UNet's output in fp32, computed in the model's dtype: the one place inputs and outputs are cast."""
+        return self.unet(latents.to(self.dtype), timesteps, embeds.to(self.dtype)).sample.float()
 
     def guided_epsilon(self, latents, timestep, prompt_embeds, negative_embeds, guidance: float, alpha_t: float):
         """The classifier-free-guided noise prediction for a batch, in one UNet call."""
         n = latents.shape[0]
         if guidance == 1.0:
-            output = self.unet(latents, timestep, prompt_embeds.expand(n, -1, -1)).sample
+            output = self.predict(latents, timestep, prompt_embeds.expand(n, -1, -1))
             return epsilon_from_output(output, latents, alpha_t, self.prediction_type)
         embeds = torch.cat([negative_embeds.expand(n, -1, -1), prompt_embeds.expand(n, -1, -1)])
-        output = self.unet(torch.cat([latents, latents]), timestep, embeds).sample
+        output = self.predict(torch.cat([latents, latents]), timestep, embeds)
         output = epsilon_from_output(output, torch.cat([latents, latents]), alpha_t, self.prediction_type)
         unconditional, conditional = output.chunk(2)
         return unconditional + guidance * (conditional - unconditional)
@@ -257,12 +322,18 @@ class Policy:
         """Clean latents (N, C, h, w) of images at the model's size: DPO on imported pairs needs them."""
         size = self.unet.config.sample_size * self.pipeline.vae_scale_factor
         pixels = self.pipeline.image_processor.preprocess([im.convert("RGB") for im in images], height=size, width=size)
-        return self.vae.encode(pixels.to(self.device)).latent_dist.mean * self.vae.config.scaling_factor
+        latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean.float()
+        return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return self.pipeline.image_processor.postprocess(images, output_type="pil")
+        """Images from final latents, ``DECODE_CHUNK`` at a time: the decoder's activations at full
+        resolution are the largest tensors of sampling."""
+        images = []
+        for chunk in (latents / self.vae.config.scaling_factor).split(DECODE_CHUNK):
+            pixels = self.vae.decode(chunk.to(self.dtype)).sample.float()
+            images += self.pipeline.image_processor.postprocess(pixels, output_type="pil")
+        return images
 
     def score_step(self, trajectory: Trajectory, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(log_prob (n,), mean, std)`` of the stored move at ``step`` under the current weights.
@@ -297,7 +368,7 @@ class Policy:
 
 
 def _sample_command(args) -> None:
-    policy = Policy.load(args.model)
+    policy = Policy.load(args.model, dtype=args.dtype)
     if args.version:
         policy.use_version(VersionStore(Path(args.workdir) / "versions"), args.version)
     result = policy.sample(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta)
@@ -313,6 +384,7 @@ def _sample_command(args) -> None:
         "prompt": args.prompt,
         "model": str(policy.model_path),
         "version": policy.version or "base",
+        "dtype": dtype_name(policy.dtype),
         "steps": args.steps,
         "guidance": args.guidance,
         "eta": args.eta,
@@ -338,6 +410,8 @@ def main(argv=None) -> int:
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--guidance", type=float, default=5.0)
     sample.add_argument("--eta", type=float, default=1.0)
+    sample.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="frozen networks' precision (default: bf16 or fp16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args(argv)
     try:
         _sample_command(args)

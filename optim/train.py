@@ -26,6 +26,13 @@ GRPO with AI feedback (``--algorithm grpo``): each prompt's group is sampled fro
 selector scores it (quality if passed, 0 if rejected), and one optimizer step covers every stored step of
 the batch's groups (fresh samples: the ratio is 1, the clip idle; the KL term holds the policy near the reference).
 
+Precision: ``--dtype`` (bf16, fp16, fp32) sets the frozen networks' dtype; without it, a launch with
+``--mixed_precision bf16`` or ``fp16`` picks that dtype, else the policy's default (half on a GPU, fp32 on
+a CPU). The LoRA weights and AdamW states stay fp32. Autocast stays OFF: sampling runs outside the
+wrapped model and scoring inside it, so an autocast there would score in another precision than the
+samples were drawn in (the ratio would not start at 1); ``Policy.predict`` does the casts for both.
+fp16 keeps accelerate's gradient scaler.
+
 Checkpoints: after each epoch the main process writes ``<out>/<timestamp>/epoch_<n>/adapter.safetensors``
 (the LoRA weights, for ``Policy.load_lora_state_dict``) and ``meta.json`` (config, epoch, stage, metrics,
 base model, and every process's digest of its weights, which must agree). Never pickles. Metrics go to
@@ -49,7 +56,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import AutocastKwargs, gather_object, set_seed
 from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -58,7 +65,7 @@ from data.images import read_image, to_display, unit_to_pil
 from data.ratings import read_ratings
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
-from optim.policy import ModelLoadError, Policy
+from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.selector import Selector
 
 ALGORITHMS = ("dpo", "grpo")
@@ -86,6 +93,7 @@ class TrainConfig:
     steps: int = 20  # grpo: sampling steps
     guidance: float = 5.0  # grpo: classifier-free guidance while sampling
     report_to: str = "tensorboard"
+    dtype: str | None = None  # frozen networks: bf16 | fp16 | fp32; None: the launch's mixed precision, else the policy's default
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
@@ -245,9 +253,12 @@ class Trainer:
         # Only the main process writes, so only its timestamp names the folder.
         self.run_dir = Path(config.out) / time.strftime("%Y%m%d-%H%M%S")
         tracker = None if config.report_to == "none" else config.report_to
-        self.accelerator = Accelerator(log_with=tracker, project_dir=self.run_dir)
+        self.accelerator = Accelerator(log_with=tracker, project_dir=self.run_dir,
+                                       kwargs_handlers=[AutocastKwargs(enabled=False)])
         set_seed(config.seed)
-        self.policy = Policy.load(config.model, device=str(self.accelerator.device), lora_rank=config.lora_rank)
+        mixed = self.accelerator.mixed_precision
+        self.policy = Policy.load(config.model, device=str(self.accelerator.device), lora_rank=config.lora_rank,
+                                  dtype=config.dtype or (mixed if mixed in DTYPES else None))
         self.parameters = self.policy.lora_parameters()
         optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(PolicyLoss(self.policy), optimizer)
@@ -392,6 +403,9 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--steps", type=int, default=d.steps, help="grpo: sampling steps")
     parser.add_argument("--guidance", type=float, default=d.guidance, help="grpo: guidance while sampling")
     parser.add_argument("--report-to", choices=TRACKERS, default=d.report_to)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype,
+                        help="frozen networks' precision (default: the launch's --mixed_precision, else bf16/fp16 on a GPU, "
+                             "fp32 on a CPU)")
     args = vars(parser.parse_args(argv))
     dpo = DPOConfig(beta=args.pop("beta"), loss_type=args.pop("loss_type"))
     return TrainConfig(**args, dpo=dpo)

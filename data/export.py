@@ -21,6 +21,11 @@ this module needs nothing else. ``export(kind, records, path, secret=...)`` writ
   one row per ``RatingRecord`` (candidates nobody rated give no row and no image). With
   ``dicom=True`` each image also goes in as a de-identified DICOM Secondary Capture beside its PNG;
   the CSV names the PNGs.
+- ``ab``: blind A/B judgements (``ABJudgementRecord``, not ranked groups), one row each:
+  ``judgement_id, user_id, expert_level, prompt, seed, version_a`` (the older version),
+  ``version_b`` (the newer), ``left`` (the version shown on the left), ``verdict`` ("a", "b" or
+  "same": which VERSION won, not which side), ``created_at, seconds``. No images: the two versions,
+  the prompt and the seed draw them again.
 
 Image columns are Hugging Face ``datasets.Image`` structs ``{bytes, path}`` (path empty), with the
 features in the parquet metadata, so ``datasets.load_dataset("parquet", data_files=...)`` gives
@@ -92,7 +97,24 @@ class RankedGroupRecord:
     ratings: tuple[RatingRecord, ...] = ()
 
 
-KINDS = ("pickapic", "trl", "groups", "ratings_csv")
+@dataclass(frozen=True)
+class ABJudgementRecord:
+    """An expert's blind verdict on two versions' images of one prompt and seed (``data.store.ABJudgement``)."""
+
+    judgement_id: str
+    expert: str  # the name; exported only as its pseudonym
+    level: int
+    prompt: str
+    seed: int
+    version_a: str  # the older version
+    version_b: str  # the newer version
+    left: str  # "a" or "b": which version was shown on the left
+    verdict: str  # "a", "b" or "same"
+    created_at: datetime
+    seconds: float | None = None
+
+
+KINDS = ("pickapic", "trl", "groups", "ratings_csv", "ab")
 
 _IMAGE = ImageFeature()
 _TIME = Value("timestamp[us, tz=UTC]")
@@ -107,11 +129,18 @@ GROUPS_FEATURES = Features({
     "prompt": Value("string"), "generations": List(_IMAGE), "ranking": List(Value("int32")),
     "expert_level": Value("int8"), "user_id": Value("int64"), "ranking_id": Value("string"),
 })
+AB_FEATURES = Features({
+    "judgement_id": Value("string"), "user_id": Value("int64"), "expert_level": Value("int8"),
+    "prompt": Value("string"), "seed": Value("int64"), "version_a": Value("string"), "version_b": Value("string"),
+    "left": Value("string"), "verdict": Value("string"), "created_at": _TIME, "seconds": Value("float64"),
+})
 
 
-def export(kind: str, records: Iterable[RankedGroupRecord], path: str | Path, *, secret: bytes | str,
-           dicom: bool = False) -> Path:
+def export(kind: str, records: Iterable[RankedGroupRecord | ABJudgementRecord], path: str | Path, *,
+           secret: bytes | str, dicom: bool = False) -> Path:
     """Write ``records`` as the dataset ``kind`` (one of ``KINDS``) to ``path``, atomically; returns the path.
+
+    ``records`` are ``ABJudgementRecord`` for kind ``ab``, ``RankedGroupRecord`` for the others.
 
     ``secret`` is the installation's key for the experts' pseudonyms and the DICOM UIDs; keep it
     the same across exports so an expert keeps one ``user_id``. ``dicom`` applies to ratings_csv.
@@ -128,6 +157,7 @@ def export(kind: str, records: Iterable[RankedGroupRecord], path: str | Path, *,
         "pickapic": (PICKAPIC_FEATURES, _pickapic_rows(records, secret)),
         "trl": (TRL_FEATURES, _trl_rows(records)),
         "groups": (GROUPS_FEATURES, _groups_rows(records, secret)),
+        "ab": (AB_FEATURES, _ab_rows(records, secret)),
     }[kind]
     table = pa.Table.from_pylist(list(rows), schema=features.arrow_schema)  # the schema carries the HF features
     return write_atomically(Path(path), lambda temporary: pq.write_table(table, temporary))
@@ -203,6 +233,19 @@ def _groups_rows(records: list[RankedGroupRecord], secret: bytes | str) -> Itera
                 "ranking": [tier[candidate.id] for candidate in ranked], "expert_level": ranking.level,
                 "user_id": pseudonym(ranking.expert, secret), "ranking_id": str(ranking.ranking_id),
             }
+
+
+def _ab_rows(records: list[ABJudgementRecord], secret: bytes | str) -> Iterator[dict]:
+    for record in records:
+        if not isinstance(record, ABJudgementRecord):
+            raise ValueError(f"the ab export takes ABJudgementRecord rows, not {type(record).__name__}")
+        yield {
+            "judgement_id": str(record.judgement_id), "user_id": pseudonym(record.expert, secret),
+            "expert_level": record.level, "prompt": record.prompt, "seed": record.seed,
+            "version_a": record.version_a, "version_b": record.version_b,
+            "left": record.version_a if record.left == "a" else record.version_b, "verdict": record.verdict,
+            "created_at": record.created_at, "seconds": record.seconds,
+        }
 
 
 def _write_ratings_zip(records: list[RankedGroupRecord], path: Path, secret: bytes | str, dicom: bool) -> None:

@@ -38,6 +38,8 @@ from data.modalities import modality_of_prompt
 ROLES = ("expert", "admin")
 LEVELS = (1, 2, 3)
 RATINGS = (1, 2, 3)
+AB_CHOICES = ("left", "right", "same")  # what an expert picks in a blind pair
+AB_SIDES = ("a", "b")  # the versions of a pair, older first
 
 
 class StoreError(ValueError):
@@ -173,6 +175,36 @@ class NewImportedRating:
     level: int
     prompt: str
     source: str
+
+
+class ABPair(Base):
+    """A blind A/B pair the server showed an expert: one image of each version, same prompt and seed.
+
+    Which version went on the left stays here and never reaches the browser; a judgement names a
+    side, and the store turns it into the winning version. ``version_a`` is the older of the two.
+    """
+
+    __tablename__ = "ab_pairs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
+    prompt: Mapped[str]
+    seed: Mapped[int]
+    version_a: Mapped[str] = mapped_column(String(32))
+    version_b: Mapped[str] = mapped_column(String(32))
+    left: Mapped[str] = mapped_column(String(1))  # "a" or "b": the version shown on the left
+    created_at: Mapped[datetime] = mapped_column(default=_now)
+
+
+class ABJudgement(Base):
+    """An expert's verdict on a pair: which VERSION won ("a", "b") or "same"; one per pair."""
+
+    __tablename__ = "ab_judgements"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[str] = mapped_column(ForeignKey("ab_pairs.id"), unique=True)
+    level: Mapped[int]  # the expert's level when judging
+    verdict: Mapped[str] = mapped_column(String(4))
+    seconds: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(default=_now)
 
 
 @dataclass
@@ -342,6 +374,67 @@ class Store:
     def set_setting(self, key: str, value) -> None:
         with self._session.begin() as s:
             s.merge(Setting(key=key, value={"value": value}))
+
+    # Blind A/B verification -----------------------------------------------------------------------
+
+    def add_ab_pair(self, expert: str, prompt: str, seed: int, version_a: str, version_b: str, left: str) -> str:
+        """Remember a pair shown to ``expert`` (``left``: which of the two versions is on the left); returns its id."""
+        if left not in AB_SIDES:
+            raise StoreError(f"left must be one of {AB_SIDES}, not {left!r}")
+        if version_a == version_b:
+            raise StoreError(f"an A/B pair compares two different versions, not {version_a!r} with itself")
+        pair_id = uuid.uuid4().hex[:12]
+        with self._session.begin() as s:
+            expert_id = self._expert(s, expert).id
+            if missing := [v for v in (version_a, version_b) if s.get(Version, v) is None]:
+                raise StoreError(f"A/B pair names unrecorded versions: {', '.join(missing)}")
+            s.add(ABPair(id=pair_id, expert_id=expert_id, prompt=prompt, seed=int(seed), version_a=version_a,
+                         version_b=version_b, left=left))
+        return pair_id
+
+    def judge_ab_pair(self, pair_id: str, expert: str, choice: str, level: int | None = None,
+                      seconds: float | None = None) -> dict:
+        """Store ``expert``'s judgement of their pair: ``choice`` is the side ("left", "right") or "same";
+        the stored verdict is the winning version ("a", "b") or "same". A pair takes one judgement."""
+        if choice not in AB_CHOICES:
+            raise StoreError(f"choice must be one of {AB_CHOICES}, not {choice!r}")
+        with self._session() as s:
+            pair, who = s.get(ABPair, pair_id), self._expert(s, expert)
+            if pair is None:
+                raise StoreError(f"unknown A/B pair {pair_id!r}: judge a pair the server showed you")
+            if pair.expert_id != who.id:
+                raise StoreError(f"A/B pair {pair_id} was shown to another expert, not to {expert!r}")
+            level = who.level if level is None else level
+            right = "b" if pair.left == "a" else "a"
+            verdict = {"left": pair.left, "right": right, "same": "same"}[choice]
+        if level not in LEVELS:
+            raise StoreError(f"level must be one of {LEVELS}, not {level!r}")
+        try:
+            with self._session.begin() as s:
+                s.add(ABJudgement(pair_id=pair_id, level=level, verdict=verdict, seconds=seconds))
+        except IntegrityError:  # the unique pair_id, also when two submissions race
+            raise StoreError(f"A/B pair {pair_id} is already judged; a pair takes one judgement") from None
+        return self.ab_judgements(pair_id=pair_id)[0]
+
+    def ab_judgements(self, expert: str | None = None, pair_id: str | None = None) -> list[dict]:
+        """Judgements, oldest first, with their pair's prompt, seed, versions and sides (of one expert
+        and/or one pair when given)."""
+        query = (select(ABJudgement, ABPair, Expert.name).join(ABPair, ABJudgement.pair_id == ABPair.id)
+                 .join(Expert, ABPair.expert_id == Expert.id).order_by(ABJudgement.created_at, ABJudgement.id))
+        if expert is not None:
+            query = query.where(Expert.name == expert)
+        if pair_id is not None:
+            query = query.where(ABJudgement.pair_id == pair_id)
+        with self._session() as s:
+            return [_row(j, expert=name, prompt=p.prompt, seed=p.seed, version_a=p.version_a,
+                         version_b=p.version_b, left=p.left) for j, p, name in s.execute(query)]
+
+    def recent_ranked_prompts(self, limit: int = 20) -> list[str]:
+        """The prompts of the groups most recently ranked (skips aside), newest first, each once."""
+        latest = func.max(Ranking.created_at)
+        with self._session() as s:
+            return list(s.scalars(select(Group.prompt).join(Ranking).where(Ranking.skipped.is_(False))
+                                  .group_by(Group.prompt).order_by(latest.desc()).limit(limit)))
 
     # Versions and updates -------------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ the caller is the logged-in user, their role and level come from the file, and o
 updates, roll back, import data or change the overlap; without one (a laptop) the one local user
 is an admin and names themselves. ``register_api`` publishes the ARCHITECTURE verbs as Gradio API
 endpoints (``/generate``, ``/rank``, ``/losses``, ``/apply_update``, ``/sample``, ``/versions``,
-``/rollback``, ``/export``) with the Python methods' parameter names.
+``/rollback``, ``/export``) with the Python methods' parameter names, and blind A/B verification
+(``/ab_pair``, ``/ab_judge``, ``/ab_results``).
 
-Work on the model (generate, sample, losses, update, rollback) shares the ``gpu`` concurrency group
+Work on the model (generate, sample, A/B pairs, losses, update, rollback) shares the ``gpu`` concurrency group
 of one: one GPU, one job at a time. Ranking, browsing and exports have no limit and never queue
 behind it.
 """
@@ -27,11 +28,12 @@ from data.store import StoreError
 from optim.update import UpdateConfig
 from workbench.auth import Users
 from workbench.room import ControlRoom, RoomGroup
+from workbench.verification import BlindPair
 
 GPU = "gpu"  # the one concurrency group for model work
 MAX_PROMPT_CHARS = 300
 EXPORT_FILES = {"pickapic": "preferences-pickapic.parquet", "trl": "preferences-trl.parquet",
-                "groups": "ranking-groups.parquet", "ratings_csv": "ratings.zip"}
+                "groups": "ranking-groups.parquet", "ratings_csv": "ratings.zip", "ab": "ab-judgements.parquet"}
 OUTBOX_HOURS = 6  # files handed to browsers and clients are kept this long
 
 
@@ -72,10 +74,23 @@ class RoomAPI:
             self._enrolled.add(caller)
         return caller
 
+    def named_caller(self, request: gr.Request | None, expert: str, level: int, verb: str) -> Caller:
+        """The caller; a logged-in client that names someone else is refused (answers are the caller's own)."""
+        caller = self.caller(request, expert, level)
+        if expert and expert != caller.name:
+            raise PermissionError(f"logged in as {caller.name}: cannot {verb} as {expert!r}")
+        return caller
+
     @staticmethod
     def require_admin(caller: Caller, action: str) -> None:
         if not caller.is_admin:
             raise PermissionError(f"only an admin can {action}; {caller.name} is an expert")
+
+    @staticmethod
+    def require_name(caller: Caller, answers: str) -> None:
+        """A local user who has typed no name yet cannot answer: ``answers`` are stored under the name."""
+        if not caller.name:
+            raise PermissionError(f"type your name first: {answers} are stored under it")
 
     # ------------------------------------------------------------------ the verbs
 
@@ -87,10 +102,30 @@ class RoomAPI:
 
     def rank(self, caller: Caller, group_id: str, tiers: list, ratings: dict | None = None, skipped: bool = False,
              seconds: float | None = None) -> dict:
-        if not caller.name:
-            raise PermissionError("type your name first: rankings are stored under it")
+        self.require_name(caller, "rankings")
         return self.room.rank(group_id, tiers, caller.name, ratings=ratings or None, skipped=skipped, seconds=seconds,
                               level=caller.level)
+
+    def ab_pair(self, caller: Caller, version_a: str | None = None, version_b: str | None = None,
+                prompt: str | None = None, seed: int | None = None) -> BlindPair:
+        """A blind pair for the caller (any expert); by default the current version against its parent."""
+        self.require_name(caller, "judgements")
+        return self.room.ab_pair(caller.name, version_a or None, version_b or None, _short(prompt) or None,
+                                 None if seed is None else int(seed), level=caller.level)
+
+    def ab_judge(self, caller: Caller, pair_id: str, choice: str, seconds: float | None = None) -> dict:
+        """Store the caller's answer to their pair. The reply names no version: the verdict would tell
+        which side held which, and unblind the pairs still to come."""
+        self.require_name(caller, "judgements")
+        self.room.ab_judge(pair_id, caller.name, choice, seconds, level=caller.level)
+        return {"pair_id": pair_id, "stored": True}
+
+    def ab_results(self, caller: Caller) -> list[dict]:
+        """Win-rates per version pair: overall, and per expert for admins; an expert sees only their own row."""
+        results = self.room.ab_results()
+        if caller.is_admin:
+            return results
+        return [r | {"per_expert": {n: t for n, t in r["per_expert"].items() if n == caller.name}} for r in results]
 
     def apply_update(self, caller: Caller, algorithm: str = "grpo", group_ids: list[str] | None = None,
                      settings: dict | None = None):
@@ -198,10 +233,7 @@ def register_api(api: RoomAPI) -> None:
              skipped: bool = False, seconds: float | None = None, level: int = 1,
              request: gr.Request = None) -> dict:
         """Store a ranking: tiers best first, a tier holds ties. With logins, expert is the logged-in user."""
-        caller = api.caller(request, expert, level)
-        if expert and expert != caller.name:
-            raise PermissionError(f"logged in as {caller.name}: cannot rank as {expert!r}")
-        return api.rank(caller, group_id, tiers, ratings, skipped, seconds)
+        return api.rank(api.named_caller(request, expert, level, "rank"), group_id, tiers, ratings, skipped, seconds)
 
     @clear_errors
     def losses(group_id: str, expert: str = "", request: gr.Request = None) -> dict:
@@ -243,7 +275,28 @@ def register_api(api: RoomAPI) -> None:
         path = api.export(kind, dicom)
         return gr.FileData(path=str(path), orig_name=path.name)
 
-    for function in (generate, losses, apply_update, sample, rollback):
+    @clear_errors
+    def ab_pair(version_a: str = "", version_b: str = "", prompt: str = "", seed: int | None = None,
+                expert: str = "", level: int = 1, request: gr.Request = None) -> dict:
+        """A blind A/B pair: one image from each of two versions (default: the current one and its
+        parent), same prompt and seed, sides random; returns the pair's id and the left and right images."""
+        pair = api.ab_pair(api.named_caller(request, expert, level, "judge"), version_a, version_b, prompt, seed)
+        left, right = api.files([pair.left, pair.right], f"pair-{pair.id}")
+        return {"pair_id": pair.id, "prompt": pair.prompt, "left": left, "right": right}
+
+    @clear_errors
+    def ab_judge(pair_id: str, choice: str, seconds: float | None = None, expert: str = "", level: int = 1,
+                 request: gr.Request = None) -> dict:
+        """Judge your pair: choice "left", "right" or "same". A pair takes one judgement."""
+        return api.ab_judge(api.named_caller(request, expert, level, "judge"), pair_id, choice, seconds)
+
+    @clear_errors
+    def ab_results(expert: str = "", request: gr.Request = None) -> list[dict]:
+        """Per version pair: the newer version's wins, same, losses, win-rate and Wilson 95% interval,
+        overall and per expert (experts see their own row)."""
+        return api.ab_results(api.caller(request, expert))
+
+    for function in (generate, losses, apply_update, sample, rollback, ab_pair):
         gr.api(function, api_name=function.__name__, concurrency_id=GPU, concurrency_limit=1)
-    for function in (rank, versions, export):
+    for function in (rank, versions, export, ab_judge, ab_results):
         gr.api(function, api_name=function.__name__, concurrency_limit=None)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.export import CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
+from data.export import ABJudgementRecord, CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
 from data.images import read_image, to_display, unit_to_pil
 from data.modalities import modality_of_prompt
 from data.ratings import read_ratings, unpack_ratings_archive
@@ -43,8 +43,10 @@ from optim.rewards import validate_ranking
 from optim.selector import Selector
 from optim.trajectory import Trajectory
 from optim.update import UpdateConfig, UpdateResult, apply_update
+from optim.verification import summarize
 from optim.versions import VersionStore
 from workbench.sampler import RejectionSampler, SamplerConfig
+from workbench.verification import BlindPair, draw_pair
 
 
 @dataclass
@@ -127,11 +129,7 @@ class ControlRoom:
         """
         if not skipped:
             tiers = validate_ranking(tiers, self.store.get_group(group_id)["survivors"])
-        if self.auto_register:
-            try:
-                self.store.get_expert(expert)
-            except StoreError:
-                self.store.set_expert(expert, level=level or 1)
+        self._register(expert, level)
         return self.store.add_ranking(group_id, expert, None if skipped else tiers, level=level, ratings=ratings,
                                       skipped=skipped, seconds=seconds)
 
@@ -188,9 +186,32 @@ class ControlRoom:
         return next(v for v in self.versions() if v["id"] == version_id)
 
     def export(self, kind: str, path: str | Path, dicom: bool = False) -> Path:
-        """Every ranked group as a preference dataset (``data.export`` kinds), experts pseudonymised;
-        ``dicom`` adds de-identified DICOM copies to the ratings_csv zip."""
-        return export(kind, self._records(), path, secret=self._secret(), dicom=dicom)
+        """Every ranked group as a preference dataset (``data.export`` kinds), or every blind A/B
+        judgement (kind ``ab``), experts pseudonymised; ``dicom`` adds de-identified DICOM copies to
+        the ratings_csv zip."""
+        records = self._ab_records() if kind == "ab" else self._records()
+        return export(kind, records, path, secret=self._secret(), dicom=dicom)
+
+    # ------------------------------------------------------------------ blind A/B verification
+
+    def ab_pair(self, expert: str, version_a: str | None = None, version_b: str | None = None,
+                prompt: str | None = None, seed: int | None = None, level: int | None = None) -> BlindPair:
+        """One image from each of two versions, same prompt and seed, on random hidden sides
+        (``workbench.verification``); by default the current version against its parent."""
+        self._register(expert, level)
+        return draw_pair(self, expert, version_a, version_b, prompt, seed)
+
+    def ab_judge(self, pair_id: str, expert: str, choice: str, seconds: float | None = None,
+                 level: int | None = None) -> dict:
+        """Store the expert's answer to their pair: "left", "right" or "same"; the store keeps the
+        winning version. A pair is judged once, and only by the expert it was shown to."""
+        return self.store.judge_ab_pair(pair_id, expert, choice, level=level, seconds=seconds)
+
+    def ab_results(self) -> list[dict]:
+        """Per version pair (older ``version_a``, newer ``version_b``): the newer version's wins, "same"
+        answers and losses, its win-rate ("same" as half a win) and Wilson 95% interval, overall and
+        per expert (``optim.verification.summarize``)."""
+        return summarize(self.store.ab_judgements())
 
     # ------------------------------------------------------------------ browsing, data and settings
 
@@ -269,6 +290,14 @@ class ControlRoom:
 
     # ------------------------------------------------------------------ helpers
 
+    def _register(self, expert: str, level: int | None) -> None:
+        """In local mode (``auto_register``) an expert unknown to the store is added at ``level`` (1 if none)."""
+        if self.auto_register:
+            try:
+                self.store.get_expert(expert)
+            except StoreError:
+                self.store.set_expert(expert, level=level or 1)
+
     def _wanted_rankings(self) -> int:
         share, made = self.overlap, self.store.group_count()
         return 2 if math.floor((made + 1) * share) > math.floor(made * share) else 1
@@ -311,6 +340,11 @@ class ControlRoom:
                 candidate, row["prompt"], [CandidateRecord(candidate, self.store.blobs.get(row["image"]), "imported")], [],
                 row["modality"], (RatingRecord(candidate, row["imported_by"], row["level"], _number(row["rating"])),)))
         return sorted(records, key=lambda record: record.group_id)
+
+    def _ab_records(self) -> list[ABJudgementRecord]:
+        return [ABJudgementRecord(str(j["id"]), j["expert"], j["level"], j["prompt"], j["seed"], j["version_a"],
+                                  j["version_b"], j["left"], j["verdict"], _when(j["created_at"]), j["seconds"])
+                for j in self.store.ab_judgements()]
 
     def _secret(self) -> str:
         """The installation's export key (pseudonyms, DICOM UIDs): made once, kept in the work directory."""

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from workbench.auth import (
-    User, Users, UsersFileError, add_user, hash_password, load_users, main, verify_password,
+    LoginLimiter, LoginLockedOut, User, Users, UsersFileError, add_user, hash_password, load_users, main,
+    verify_password,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,6 +160,65 @@ def test_users_reload_picks_up_new_user_and_keeps_last_good(tmp_path, caplog):
         assert users.authenticate("alice", GOOD) and users.authenticate("bob", "bob's secret")
     assert "keeping the last good accounts" in caplog.text and str(path) in caplog.text
     assert [u.name for u in users.all()] == ["alice", "bob"]
+
+
+# ---------------------------------------------------------------------- failed logins
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def limited(tmp_path):
+    """alice and bob, with a limiter on a hand-moved clock: 5 failures in 300 s lock out for 30 s."""
+    path = tmp_path / "users.yaml"
+    write_users(path, [entry("alice"), entry("bob")])
+    clock = Clock()
+    return Users(path, LoginLimiter(failures=5, window=300, lockout=30, clock=clock)), clock
+
+
+def test_five_failed_logins_lock_the_name_out_for_30_seconds(limited):
+    users, clock = limited
+    for k in range(4):
+        assert not users.authenticate("alice", "guess %d" % k, address="10.0.0.1")
+    assert users.authenticate("alice", GOOD, address="10.0.0.9")  # 4 failures: not yet; a success clears them
+    for k in range(5):
+        assert not users.authenticate("alice", "guess %d" % k, address="10.0.0.%d" % k)  # five addresses, one name
+    with pytest.raises(LoginLockedOut, match="too many failed logins for user 'alice': try again in 30 s"):
+        users.authenticate("alice", GOOD, address="10.0.0.9")  # the right password too, from anywhere
+    clock.now += 29.5
+    with pytest.raises(LoginLockedOut, match="try again in 1 s") as info:
+        users.authenticate("alice", GOOD)
+    assert info.value.retry_after == pytest.approx(0.5)
+    assert users.authenticate("bob", GOOD, address="10.0.0.9")  # other names are not affected
+    clock.now += 0.5
+    assert users.authenticate("alice", GOOD, address="10.0.0.9")
+
+
+def test_five_failed_logins_from_one_address_lock_that_address_out(limited):
+    users, clock = limited
+    for name in ["alice", "bob", "carol", "dave", "erin"]:  # five names, one failure each: a sweep
+        assert not users.authenticate(name, "guess", address="203.0.113.7")
+    with pytest.raises(LoginLockedOut, match="too many failed logins for address 203.0.113.7"):
+        users.authenticate("bob", GOOD, address="203.0.113.7")
+    assert users.authenticate("bob", GOOD, address="198.51.100.1")  # bob from elsewhere is fine
+    clock.now += 30
+    assert users.authenticate("bob", GOOD, address="203.0.113.7")
+
+
+def test_failures_older_than_the_window_are_forgotten(limited):
+    users, clock = limited
+    for _ in range(4):
+        assert not users.authenticate("alice", "guess")
+    clock.now += 301  # the window has passed: the next failure counts as the first
+    for _ in range(4):
+        assert not users.authenticate("alice", "guess")
+    assert users.authenticate("alice", GOOD)
 
 
 # ---------------------------------------------------------------------- command line

@@ -7,6 +7,10 @@ Passwords are hashed with the standard library's scrypt, so there is no extra de
 and the file never holds a plain-text password. ``Users`` re-reads the file when it changes,
 so an admin can add an expert without restarting the server; a broken edit is logged and
 the last good accounts stay in force, so a typo cannot lock everyone out.
+
+Failed logins are limited per user name and per client address (``LoginLimiter``): after 5
+failures within 5 minutes that name, or that address, is refused for 30 s, before any hash is
+computed, so password guessing is slow and cannot keep the server busy hashing.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import getpass
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -38,6 +44,9 @@ _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
 _MAXMEM = 128 * 1024 * 1024  # room for stored hashes made with larger n or r than ours
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _FIELDS = ("username", "password_hash", "role", "level")
+LOGIN_FAILURES = 5  # failed logins, per user name or per client address, before a lockout
+FAILURE_WINDOW_SECONDS = 300.0  # failures older than this are forgotten
+LOCKOUT_SECONDS = 30.0
 
 
 def hash_password(password: str) -> str:
@@ -139,6 +148,66 @@ def load_users(path) -> list[User]:
     return list(users.values())
 
 
+class LoginLockedOut(PermissionError):
+    """Too many failed logins for a user name or from an address; the message says which and for how long."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LoginLimiter:
+    """Counts failed logins per user name and per client address; ``failures`` of them within
+    ``window`` seconds lock that name or address out for ``lockout`` seconds, right password or not.
+    A success clears the counts of its name and address. ``clock`` is injectable for tests."""
+
+    def __init__(self, failures: int = LOGIN_FAILURES, window: float = FAILURE_WINDOW_SECONDS,
+                 lockout: float = LOCKOUT_SECONDS, clock=time.monotonic):
+        self.failures, self.window, self.lockout, self.clock = failures, window, lockout, clock
+        self._lock = threading.Lock()
+        self._failed: dict[str, tuple[int, float]] = {}  # key -> (failures, time of the first in the window)
+        self._locked_until: dict[str, float] = {}
+
+    @staticmethod
+    def _keys(username: str, address: str | None) -> dict[str, str]:
+        """The counters a login attempt touches, with how a message names them."""
+        name = (username or "")[:100]  # a megabyte of name is not a megabyte of memory
+        keys = {f"user\0{name}": f"user {name!r}"}
+        if address:
+            keys[f"address\0{address}"] = f"address {address}"
+        return keys
+
+    def check(self, username: str, address: str | None = None) -> None:
+        """Raise ``LoginLockedOut`` while the name or the address is locked out."""
+        now = self.clock()
+        with self._lock:
+            for key, what in self._keys(username, address).items():
+                until = self._locked_until.get(key)
+                if until is not None and now < until:
+                    wait = math.ceil(until - now)
+                    raise LoginLockedOut(f"too many failed logins for {what}: try again in {wait} s", until - now)
+                self._locked_until.pop(key, None)
+
+    def failed(self, username: str, address: str | None = None) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._failed) > 100_000:  # a flood of names: forget counts whose window has passed
+                self._failed = {k: v for k, v in self._failed.items() if now - v[1] <= self.window}
+            for key in self._keys(username, address):
+                count, first = self._failed.get(key, (0, now))
+                count, first = (1, now) if now - first > self.window else (count + 1, first)
+                if count >= self.failures:
+                    self._locked_until[key] = now + self.lockout
+                    self._failed.pop(key, None)
+                else:
+                    self._failed[key] = (count, first)
+
+    def succeeded(self, username: str, address: str | None = None) -> None:
+        with self._lock:
+            for key in self._keys(username, address):
+                self._failed.pop(key, None)
+
+
 def _stamp(path: Path):
     try:
         st = path.stat()
@@ -150,8 +219,9 @@ def _stamp(path: Path):
 class Users:
     """The accounts in force. Loads at construction, so a bad file fails at startup."""
 
-    def __init__(self, path):
+    def __init__(self, path, limiter: LoginLimiter | None = None):
         self.path = Path(path)
+        self.limiter = limiter or LoginLimiter()
         self._lock = threading.Lock()
         self._stamp = _stamp(self.path)
         self._users = {u.name: u for u in load_users(self.path)}
@@ -168,10 +238,15 @@ class Users:
             except UsersFileError as exc:
                 log.warning("keeping the last good accounts: %s", exc)
 
-    def authenticate(self, username: str, password: str) -> bool:
+    def authenticate(self, username: str, password: str, address: str | None = None) -> bool:
+        """True for a known name with its password. Raises ``LoginLockedOut`` while the name or the
+        client ``address`` is locked out by failed logins (checked before any hashing)."""
+        self.limiter.check(username, address)
         user = self.get(username)
         # An unknown name costs a hash too, so timing does not tell which names exist.
-        return verify_password(password, user.password_hash if user else _dummy_hash()) and user is not None
+        good = verify_password(password, user.password_hash if user else _dummy_hash()) and user is not None
+        (self.limiter.succeeded if good else self.limiter.failed)(username, address)
+        return good
 
     def get(self, username: str) -> User | None:
         self._refresh()

@@ -1,0 +1,460 @@
+"""A reward model learned from the experts' rankings: Bradley-Terry on fixed image features, as an ensemble.
+
+The experts rank a few dozen groups; an update that trains only on those sees a few hundred pairs.
+Classic RLHF (REFERENCES.md section 8) learns a reward model from the human comparisons and then
+ranks many more samples than the humans did. This module is that reward model, kept small enough to
+retrain in seconds on a CPU whenever an update runs:
+
+- **Comparisons.** Every cross-tier pair of every stored ranking (``optim.rewards.weighted_pairs``),
+  weighted by the expert's level (1-3: a loss weight, never a change of label). Tied candidates give
+  no pair (as in ImageReward): a tie is not a preference. Imported ratings give, within one prompt,
+  every pair of images with different ratings, weighted by the mean of the two rows' levels.
+- **Features.** Fixed, cheap and never trained here: the selector's convolutional trunk
+  (``SelectorFeatures``), the generator's VAE latents pooled into a small vector (``LatentFeatures``),
+  or grey-level statistics of the pixels (``PixelFeatures``); ``featurizer`` builds one by name.
+  Each feature is centred on the images the comparisons use and scaled by the root mean square of
+  its winner-minus-loser differences (``_standardisation`` says why not by its spread over images).
+- **Bradley-Terry.** The reward is a linear function of the standardised features; the loss is the
+  weighted mean of ``-log sigmoid(r(winner) - r(loser))`` plus ``l2 * |theta|^2``. Convex, so
+  L-BFGS finds the minimum in well under a second for hundreds of pairs.
+- **Ensemble.** ``members`` heads, each fitted on a bootstrap of the GROUPS (resampled with
+  replacement, so a group drawn twice counts twice); their spread is the model's uncertainty, and
+  ``rank`` reports how far the members agree with their mean's ordering. An ensemble of one is a
+  plain fit on every group.
+- **Held-out check.** ``fit`` first holds out a share of the groups (split by group, never by pair:
+  the four images of one group are alike, so a pair-level split would test on near-copies of the
+  training data), fits the ensemble on the rest and measures the pairwise accuracy of the ensemble
+  mean on the held-out pairs, level-weighted and unweighted; then it refits every member on all
+  groups. The accuracy is what an admin sees before trusting the model's rankings.
+
+Saved as safetensors (feature standardisation and the heads) plus JSON (config, metrics, and
+``seen``: which rankings and groups it was trained on, as the caller says); never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from data.files import write_atomically
+from optim.rewards import Ranking, level_weight, validate_ranking, weighted_pairs
+from optim.selector import Selector, as_unit_array, network_input
+
+WEIGHTS_FILE = "reward_model.safetensors"
+CONFIG_FILE = "reward_model.json"
+#: The feature sets ``featurizer`` can build, by name.
+FEATURES = ("selector", "latents", "pixels")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One preference: ``images[winner]`` beat ``images[loser]``."""
+
+    group: str  # the group (or imported prompt) it comes from: held-out splits are by group
+    winner: int  # index into the image list given to ``RewardModel.fit``
+    loser: int
+    weight: float  # the expert level (1-3), a loss weight
+
+
+def comparisons_from_rankings(
+    group_id: str, image_offset: int, candidate_ids: Sequence, rankings: Sequence[tuple[Ranking, int]]
+) -> list[Comparison]:
+    """Every cross-tier pair of every (ranking, level) of one group; ties give none, the weight is the level.
+
+    Candidate ``candidate_ids[k]`` is image ``image_offset + k`` of the list given to ``fit``. Each
+    ranking must rank exactly these candidates (``optim.rewards.validate_ranking``'s errors say which not).
+    """
+    ids = validate_ranking([candidate_ids])[0]  # normalised ids (numpy integers become int), no repeats
+    for tiers, _ in rankings:
+        validate_ranking(tiers, ids)
+    index = {candidate: image_offset + k for k, candidate in enumerate(ids)}
+    return [Comparison(group_id, index[winner], index[loser], weight)
+            for winner, loser, weight in weighted_pairs(rankings)]
+
+
+def comparisons_from_ratings(rows: Iterable[Mapping]) -> list[Comparison]:
+    """Pairs from imported ratings: rows are mappings with ``prompt``, ``rating``, ``level`` and ``index``.
+
+    Within one prompt (the pair's group), every two rows with different ratings give a pair, the
+    higher rating winning; its weight is the mean of the two rows' levels, as both experts' judgements
+    made it. Equal ratings give no pair (a tie), nor do two rows of the same image (``index``: the
+    image's place in the list given to ``fit``). A faulty row raises, naming its place in ``rows``.
+    """
+    by_prompt: dict[str, list[tuple[int, float, float]]] = {}
+    for number, row in enumerate(rows):
+        try:
+            prompt, rating, level, index = row["prompt"], row["rating"], row["level"], row["index"]
+        except KeyError as missing:
+            raise ValueError(f"ratings row {number}: no {missing.args[0]!r} (rows need prompt, rating, level, index)") from None
+        if not isinstance(rating, numbers.Real) or isinstance(rating, bool) or not math.isfinite(rating):
+            raise ValueError(f"ratings row {number}: rating {rating!r} is not a finite number")
+        if not isinstance(index, numbers.Integral) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"ratings row {number}: index {index!r} is not an image index (an integer from 0)")
+        try:
+            weight = level_weight(level)
+        except ValueError as error:
+            raise ValueError(f"ratings row {number}: {error}") from None
+        by_prompt.setdefault(str(prompt), []).append((int(index), float(rating), weight))
+    comparisons = []
+    for prompt, rated in by_prompt.items():
+        for k, (index_a, rating_a, weight_a) in enumerate(rated):
+            for index_b, rating_b, weight_b in rated[k + 1:]:
+                if rating_a == rating_b or index_a == index_b:
+                    continue
+                winner, loser = (index_a, index_b) if rating_a > rating_b else (index_b, index_a)
+                comparisons.append(Comparison(prompt, winner, loser, (weight_a + weight_b) / 2))
+    return comparisons
+
+
+# ----------------------------------------------------------------------------- featurizers
+
+
+class SelectorFeatures:
+    """The selector network's trunk (``SelectorNet.features``, globally pooled): 64 numbers an image."""
+
+    name = "selector"
+
+    def __init__(self, selector: Selector):
+        self.selector = selector
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        net, captured = self.selector.net, []
+        # The trunk's output as the network computes it in its own forward pass, input scaling included.
+        hook = net.features.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            net(network_input([as_unit_array(image) for image in images], self.selector.config.input_size))
+        finally:
+            hook.remove()
+        return captured[0].double()
+
+
+class LatentFeatures:
+    """The generator's VAE latents of each image (``Policy.encode_images``), pooled into a small vector.
+
+    Per latent channel its mean and standard deviation; the covariance of every two channels over
+    the image (upper triangle, diagonal included); a coarse 4x4 average pool of every channel. For
+    the embedded model's 4-channel latents 4 + 4 + 10 + 64 = 82 numbers. The covariances are there
+    because the decoded pixels are roughly linear in the latents, so a preference for contrast (the
+    pixels' variance) is roughly a quadratic form of them, which a linear head can only read from
+    second moments: on the benchmark's contrast expert they lift held-out accuracy from 86% to 90%.
+    """
+
+    name = "latents"
+
+    def __init__(self, policy, batch_size: int = 32):
+        self.policy = policy
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        images = list(images)
+        latents = torch.cat([self.policy.encode_images(images[start:start + self.batch_size]).cpu()
+                             for start in range(0, len(images), self.batch_size)]).double()
+        channels = latents.flatten(2)
+        deviations = channels - channels.mean(dim=2, keepdim=True)
+        covariance = deviations @ deviations.transpose(1, 2) / channels.shape[2]
+        upper = torch.triu_indices(latents.shape[1], latents.shape[1])
+        return torch.cat([latents.mean(dim=(2, 3)), latents.std(dim=(2, 3)), covariance[:, upper[0], upper[1]],
+                          F.adaptive_avg_pool2d(latents, 4).flatten(1)], dim=1)
+
+
+class PixelFeatures:
+    """Grey-level statistics of each image on the [0, 1] scale: moments, percentiles and a histogram.
+
+    Mean, standard deviation, skewness and excess kurtosis; the 1st, 5th, 25th, 50th, 75th, 95th and
+    99th percentiles; a 16-bin histogram (shares of pixels). 27 numbers, no model at all.
+    """
+
+    name = "pixels"
+    PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+    BINS = 16
+
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        rows = []
+        for image in images:
+            grey = np.nan_to_num(np.clip(as_unit_array(image), 0.0, 1.0)).astype(np.float64).ravel()
+            mean, std = grey.mean(), grey.std()
+            centred = (grey - mean) / std if std > 0 else np.zeros_like(grey)
+            histogram = np.histogram(grey, bins=self.BINS, range=(0.0, 1.0))[0] / grey.size
+            rows.append(np.concatenate([[mean, std, (centred ** 3).mean(), (centred ** 4).mean() - 3.0],
+                                        np.percentile(grey, self.PERCENTILES), histogram]))
+        return torch.from_numpy(np.stack(rows))
+
+
+class CombinedFeatures:
+    """Several featurizers' vectors side by side; named by their names joined with ``+``."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        self.name = "+".join(part.name for part in self.parts)
+
+    def __call__(self, images: Sequence) -> torch.Tensor:
+        images = list(images)
+        return torch.cat([part(images).double() for part in self.parts], dim=1)
+
+
+def featurizer(name: str, policy=None, selector: Selector | None = None):
+    """The featurizer called ``name``: one of ``FEATURES``, or several joined with ``+`` (``"latents+pixels"``)."""
+    check_features(name)
+    parts = []
+    for part in name.split("+"):
+        if part == "selector":
+            if selector is None:
+                raise ValueError("the 'selector' features need the selector: featurizer(..., selector=...)")
+            parts.append(SelectorFeatures(selector))
+        elif part == "latents":
+            if policy is None:
+                raise ValueError("the 'latents' features need the generator: featurizer(..., policy=...)")
+            parts.append(LatentFeatures(policy))
+        else:
+            parts.append(PixelFeatures())
+    return parts[0] if len(parts) == 1 else CombinedFeatures(parts)
+
+
+def check_features(name: str) -> None:
+    """Raise unless ``name`` is one of ``FEATURES`` or several of them, each once, joined with ``+``."""
+    parts = str(name).split("+")
+    if any(part not in FEATURES for part in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"unknown reward-model features {name!r}; expected one of {', '.join(FEATURES)}, "
+                         f"or several joined with '+'")
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class RewardModelConfig:
+    features: str = "latents"  # which featurizer (FEATURES); the benchmark's measurement chose the default
+    members: int = 5  # ensemble heads, each on a bootstrap of the groups (1: one plain fit)
+    l2: float = 1e-2  # on the head's weights, in standardised feature units
+    holdout_fraction: float = 0.2  # share of groups held out to measure accuracy before the final refit
+    seed: int = 0  # the held-out split and the bootstraps
+
+    def check(self) -> None:
+        check_features(self.features)
+        if not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"members must be a whole number of at least 1, got {self.members!r}")
+        if not self.l2 >= 0:
+            raise ValueError(f"l2 must be at least 0, got {self.l2!r}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+
+
+def bradley_terry_loss(rewards: torch.Tensor, winners, losers, weights) -> torch.Tensor:
+    """Weighted mean over pairs of ``-log sigmoid(rewards[winner] - rewards[loser])``.
+
+    Written with ``softplus(-margin)``, which is the same number without overflow at large margins.
+    """
+    weights = torch.as_tensor(weights, dtype=rewards.dtype)
+    margins = rewards[torch.as_tensor(winners)] - rewards[torch.as_tensor(losers)]
+    return (weights * F.softplus(-margins)).sum() / weights.sum()
+
+
+def pairwise_accuracy(rewards, comparisons: Sequence[Comparison], weighted: bool = True) -> float:
+    """Share of comparisons whose winner has the higher reward (equal rewards count half), level-weighted or not."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    margins = np.array([rewards[c.winner] - rewards[c.loser] for c in comparisons])
+    weights = np.array([c.weight for c in comparisons]) if weighted else np.ones(len(comparisons))
+    return float((weights * ((margins > 0) + 0.5 * (margins == 0))).sum() / weights.sum())
+
+
+def split_by_group(comparisons: Sequence[Comparison], fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) comparisons, holding out ``round(fraction * groups)`` whole groups chosen by ``seed``.
+
+    At least one group stays on each side when there are two or more and ``fraction`` is above 0;
+    with fewer, or ``fraction`` 0, nothing is held out.
+    """
+    groups = list(dict.fromkeys(c.group for c in comparisons))
+    held = min(max(round(fraction * len(groups)), 1), len(groups) - 1) if fraction > 0 and len(groups) >= 2 else 0
+    chosen = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:held]}
+    return [c for c in comparisons if c.group not in chosen], [c for c in comparisons if c.group in chosen]
+
+
+def _fit_head(features: torch.Tensor, comparisons: Sequence[Comparison], weights: Sequence[float], l2: float) -> torch.Tensor:
+    """The linear head (D,) minimising the weighted Bradley-Terry loss plus ``l2 * |theta|^2`` (L-BFGS)."""
+    winners = [c.winner for c in comparisons]
+    losers = [c.loser for c in comparisons]
+    theta = torch.zeros(features.shape[1], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = bradley_terry_loss(features @ theta, winners, losers, weights) + l2 * theta.dot(theta)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return theta.detach()
+
+
+def _standardisation(features: torch.Tensor, comparisons: Sequence[Comparison]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre and scale of each feature: the mean over the images the comparisons use, and the root
+    mean square of its winner-minus-loser differences over the comparisons.
+
+    Bradley-Terry sees only differences within a group, and those are small beside the differences
+    between prompts (a CT slice against a retinal scan): scaled by its spread across images, a
+    feature that orders the candidates of one group would look negligible and the L2 term would
+    drown it. A feature that never differs within a pair keeps scale 1.
+    """
+    used = sorted({c.winner for c in comparisons} | {c.loser for c in comparisons})
+    differences = features[[c.winner for c in comparisons]] - features[[c.loser for c in comparisons]]
+    scale = differences.pow(2).mean(dim=0).sqrt()
+    return features[used].mean(dim=0), torch.where(scale > 1e-12, scale, torch.ones_like(scale))
+
+
+def _fit_ensemble(features: torch.Tensor, comparisons: Sequence[Comparison], config: RewardModelConfig):
+    """(feature mean, feature scale, heads (members, D)); each member on a bootstrap of the groups."""
+    mean, scale = _standardisation(features, comparisons)
+    standardised = (features - mean) / scale
+    groups = list(dict.fromkeys(c.group for c in comparisons))
+    heads = []
+    for member in range(config.members):
+        if config.members == 1:
+            counts = dict.fromkeys(groups, 1)
+        else:
+            drawn = np.random.default_rng([config.seed, member]).integers(len(groups), size=len(groups))
+            counts = {groups[i]: int(n) for i, n in zip(*np.unique(drawn, return_counts=True))}
+        chosen = [c for c in comparisons if c.group in counts]
+        heads.append(_fit_head(standardised, chosen, [c.weight * counts[c.group] for c in chosen], config.l2))
+    return mean, scale, torch.stack(heads)
+
+
+class RewardModel:
+    """An ensemble of Bradley-Terry heads on fixed, standardised image features (see the module's notes)."""
+
+    def __init__(self, featurizer, config: RewardModelConfig, feature_mean: torch.Tensor, feature_scale: torch.Tensor,
+                 heads: torch.Tensor, metrics: dict | None = None):
+        if heads.ndim != 2 or heads.shape[1] != feature_mean.shape[0] or feature_scale.shape != feature_mean.shape:
+            raise ValueError(f"heads {tuple(heads.shape)} do not match {feature_mean.shape[0]} features")
+        self.featurizer = featurizer
+        self.config = config
+        self.feature_mean = feature_mean.double()
+        self.feature_scale = feature_scale.double()
+        self.heads = heads.double()
+        self.metrics = dict(metrics or {})
+        self.seen: dict = {}  # what it was trained on, as the caller said when saving (kept by save and load)
+
+    @classmethod
+    def fit(cls, images: Sequence, comparisons: Sequence[Comparison], featurizer,
+            config: RewardModelConfig | None = None, features: torch.Tensor | None = None) -> "RewardModel":
+        """Measure held-out accuracy on a split by group, then fit every member on all groups.
+
+        ``features`` are the images' features when the caller has them already (a benchmark fitting
+        many splits of one set); otherwise ``featurizer`` computes them.
+        """
+        config = config or RewardModelConfig()
+        config.check()
+        if featurizer.name != config.features:
+            raise ValueError(f"the featurizer gives {featurizer.name!r} features but the config asks for {config.features!r}")
+        comparisons = list(comparisons)
+        if not comparisons:
+            raise ValueError("no comparisons to learn from: rank at least one group with two or more tiers")
+        images = list(images)
+        bad = [c for c in comparisons if not (0 <= c.winner < len(images) and 0 <= c.loser < len(images))]
+        if bad:
+            raise ValueError(f"comparison {bad[0]} names an image outside the {len(images)} given")
+        start = time.perf_counter()
+        if features is None:
+            features = featurizer(images)
+        features = features.double()
+        if features.shape[0] != len(images):
+            raise ValueError(f"{features.shape[0]} feature rows for {len(images)} images")
+        feature_seconds = time.perf_counter() - start
+
+        train, held = split_by_group(comparisons, config.holdout_fraction, config.seed)
+        metrics = {"features": config.features, "members": config.members, "l2": config.l2,
+                   "groups": len({c.group for c in comparisons}), "pairs": len(comparisons),
+                   "train_groups": len({c.group for c in train}), "train_pairs": len(train),
+                   "heldout_groups": len({c.group for c in held}), "heldout_pairs": len(held),
+                   "heldout_accuracy": None, "heldout_accuracy_unweighted": None}
+        if held:
+            heldout = cls(featurizer, config, *_fit_ensemble(features, train, config))
+            rewards = heldout._member_rewards(features).mean(dim=1).numpy()
+            metrics["heldout_accuracy"] = pairwise_accuracy(rewards, held)
+            metrics["heldout_accuracy_unweighted"] = pairwise_accuracy(rewards, held, weighted=False)
+        model = cls(featurizer, config, *_fit_ensemble(features, comparisons, config))
+        metrics["train_accuracy"] = pairwise_accuracy(model._member_rewards(features).mean(dim=1).numpy(), comparisons)
+        metrics["feature_seconds"] = feature_seconds
+        metrics["seconds"] = time.perf_counter() - start
+        model.metrics = metrics
+        return model
+
+    def _member_rewards(self, features: torch.Tensor) -> torch.Tensor:
+        """Each member's reward of each image: (N, members)."""
+        return ((features.double() - self.feature_mean) / self.feature_scale) @ self.heads.T
+
+    def member_rewards(self, images: Sequence) -> torch.Tensor:
+        """Each member's reward of each image: (N, members)."""
+        return self._member_rewards(self.featurizer(list(images)))
+
+    def scores(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """Per image, the ensemble's mean reward and its standard deviation across members (the uncertainty)."""
+        rewards = self.member_rewards(images)
+        return rewards.mean(dim=1).numpy(), rewards.std(dim=1, unbiased=False).numpy()
+
+    def rank(self, ids: Sequence, images: Sequence) -> tuple[list[list], float]:
+        """Tiers best first by the ensemble mean (equal means share a tier), and the members' agreement.
+
+        The agreement is the share of (member, candidate pair) orderings that match the mean's
+        ordering: 1.0 when every member orders every pair as the mean does; a group of one gives 1.0.
+        """
+        ids = list(ids)
+        if len(ids) != len(images) or not ids:
+            raise ValueError(f"rank needs one id per image, got {len(ids)} ids for {len(images)} images")
+        rewards = self.member_rewards(images)
+        mean = rewards.mean(dim=1)
+        order = sorted(range(len(ids)), key=lambda k: -float(mean[k]))
+        tiers = [[ids[order[0]]]]
+        for previous, k in zip(order, order[1:]):
+            if mean[k] == mean[previous]:
+                tiers[-1].append(ids[k])
+            else:
+                tiers.append([ids[k]])
+        first, second = torch.triu_indices(len(ids), len(ids), offset=1)
+        if len(first) == 0:
+            return tiers, 1.0
+        agree = torch.sign(rewards[first] - rewards[second]) == torch.sign(mean[first] - mean[second])[:, None]
+        return tiers, float(agree.double().mean())
+
+    def save(self, folder: str | Path, seen: dict) -> Path:
+        """Heads and standardisation as safetensors, config, metrics and ``seen`` as JSON; returns the folder."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tensors = {"feature_mean": self.feature_mean.contiguous(), "feature_scale": self.feature_scale.contiguous(),
+                   "heads": self.heads.contiguous()}
+        write_atomically(folder / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+        self.seen = dict(seen)
+        meta = {"config": asdict(self.config), "metrics": self.metrics, "seen": self.seen}
+        write_atomically(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(meta, indent=2)))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, featurizer) -> "RewardModel":
+        """The model saved in ``folder``, scoring through ``featurizer`` (which must give the saved features)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        weights, settings = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+        if not weights.is_file() or not settings.is_file():
+            raise FileNotFoundError(f"{folder} is not a reward-model folder: expected {WEIGHTS_FILE} and {CONFIG_FILE}")
+        meta = json.loads(settings.read_text())
+        config = RewardModelConfig(**meta["config"])
+        if featurizer.name != config.features:
+            raise ValueError(f"{folder}: the reward model was trained on {config.features!r} features, "
+                             f"the featurizer given gives {featurizer.name!r}")
+        tensors = load_file(weights)
+        model = cls(featurizer, config, tensors["feature_mean"], tensors["feature_scale"], tensors["heads"], meta["metrics"])
+        model.seen = meta["seen"]
+        return model

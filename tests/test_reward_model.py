@@ -1,0 +1,212 @@
+"""The reward model learned from rankings: Bradley-Terry by hand, pairs, level weights, group splits, the ensemble."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.images import unit_to_pil
+from data.modalities import MODALITIES
+from data.phantoms import make_phantom
+from data.simulated_experts import EXPERTS
+from optim.reward_model import (
+    Comparison,
+    PixelFeatures,
+    RewardModel,
+    RewardModelConfig,
+    bradley_terry_loss,
+    comparisons_from_rankings,
+    comparisons_from_ratings,
+    featurizer,
+    pairwise_accuracy,
+    split_by_group,
+)
+from optim.rewards import RankingError
+
+
+class Brightness:
+    """A one-number featurizer for hand-worked heads: each image's mean grey level."""
+
+    name = "mean grey"
+
+    def __call__(self, images):
+        return torch.tensor([[np.asarray(image.convert("L"), dtype=np.float64).mean() / 255] for image in images])
+
+
+def grey(level: int) -> Image.Image:
+    return Image.new("L", (32, 32), level)
+
+
+def test_bradley_terry_loss_and_gradient_by_hand():
+    # Rewards 0.5, 0, 1; pairs image 0 beats 1 (weight 3) and image 1 beats 2 (weight 1).
+    # Loss = (3 * -log sigmoid(0.5) + 1 * -log sigmoid(-1)) / 4 = (3 * 0.474077 + 1.313262) / 4.
+    # d/dr(winner) of -log sigmoid(r_w - r_l) is -sigmoid(r_l - r_w): pair 1 gives -3 * 0.377541 / 4
+    # to image 0 and the opposite to image 1; pair 2 gives -0.731059 / 4 to image 1 and the opposite to image 2.
+    rewards = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    loss = bradley_terry_loss(rewards, [0, 1], [1, 2], [3.0, 1.0])
+    loss.backward()
+    assert loss.item() == pytest.approx(0.6838731600, abs=1e-9)
+    assert rewards.grad.tolist() == pytest.approx([-0.2831555016, 0.2831555016 - 0.1827646447, 0.1827646447], abs=1e-9)
+
+
+def test_bradley_terry_loss_holds_at_large_margins():
+    rewards = torch.tensor([0.0, 800.0], dtype=torch.float64)
+    assert bradley_terry_loss(rewards, [0], [1], [1.0]).item() == pytest.approx(800.0)  # -log sigmoid(-800), no inf
+    assert bradley_terry_loss(rewards, [1], [0], [1.0]).item() == pytest.approx(0.0)
+
+
+def test_rankings_give_every_cross_tier_pair_and_ties_give_none():
+    ids = ["a", "b", "c", "d"]
+    # a best, b and c tied, d worst: 5 pairs, none between b and c; images start at offset 10.
+    pairs = comparisons_from_rankings("g1", 10, ids, [([["a"], ["b", "c"], ["d"]], 2)])
+    assert [(p.winner, p.loser) for p in pairs] == [(10, 11), (10, 12), (10, 13), (11, 13), (12, 13)]
+    assert {p.group for p in pairs} == {"g1"} and {p.weight for p in pairs} == {2.0}
+    assert comparisons_from_rankings("g2", 0, ids, [([["a", "b", "c", "d"]], 3)]) == []  # all tied: nothing
+    with pytest.raises(RankingError, match="leaves out candidates: d"):
+        comparisons_from_rankings("g3", 0, ids, [([["a"], ["b", "c"]], 3)])
+
+
+def test_each_expert_level_is_the_weight_of_its_pairs():
+    ids = [0, 1]
+    pairs = comparisons_from_rankings("g", 0, ids, [([[0], [1]], 3), ([[1], [0]], 1)])
+    assert pairs == [Comparison("g", 0, 1, 3.0), Comparison("g", 1, 0, 1.0)]
+    with pytest.raises(ValueError, match="expert level 4"):
+        comparisons_from_rankings("g", 0, ids, [([[0], [1]], 4)])
+
+
+def test_level_weights_set_the_fitted_odds():
+    # Image 0 beats image 1 at level 3 and loses at level 1. With no L2 the Bradley-Terry optimum
+    # has sigmoid(r0 - r1) = 3 / (3 + 1), so r0 - r1 = log 3 exactly; unweighted it would be 0.
+    images = [grey(70), grey(180)]
+    pairs = comparisons_from_rankings("g", 0, [0, 1], [([[0], [1]], 3), ([[1], [0]], 1)])
+    config = RewardModelConfig(features="pixels", members=1, l2=0.0, holdout_fraction=0.0)
+    model = RewardModel.fit(images, pairs, PixelFeatures(), config)
+    mean, spread = model.scores(images)
+    assert mean[0] - mean[1] == pytest.approx(math.log(3), abs=1e-5)
+    assert spread.tolist() == [0.0, 0.0]
+    assert model.metrics["heldout_accuracy"] is None and model.metrics["heldout_pairs"] == 0  # one group: none held out
+    assert model.metrics["train_accuracy"] == pytest.approx(0.75)  # the level-3 pair right, the level-1 pair wrong
+
+
+def test_ratings_give_pairs_within_a_prompt_weighted_by_the_mean_level():
+    rows = [
+        {"prompt": "CT: p", "rating": 3, "level": 3, "index": 0},
+        {"prompt": "CT: p", "rating": 1, "level": 1, "index": 1},
+        {"prompt": "CT: p", "rating": 3, "level": 2, "index": 2},  # ties image 0: no pair between them
+        {"prompt": "OCT: q", "rating": 2, "level": 1, "index": 3},
+        {"prompt": "OCT: q", "rating": 1, "level": 3, "index": 3},  # the same image rated again: no pair with itself
+        {"prompt": "OCT: q", "rating": 2.5, "level": 2, "index": 4},
+    ]
+    assert comparisons_from_ratings(rows) == [
+        Comparison("CT: p", 0, 1, 2.0), Comparison("CT: p", 2, 1, 1.5),
+        Comparison("OCT: q", 4, 3, 1.5), Comparison("OCT: q", 4, 3, 2.5),
+    ]
+    with pytest.raises(ValueError, match="ratings row 1: rating 'high'"):
+        comparisons_from_ratings([rows[0], {**rows[1], "rating": "high"}])
+    with pytest.raises(ValueError, match="ratings row 0: expert level 0"):
+        comparisons_from_ratings([{**rows[0], "level": 0}])
+    with pytest.raises(ValueError, match="ratings row 0: no 'index'"):
+        comparisons_from_ratings([{"prompt": "CT: p", "rating": 3, "level": 3}])
+
+
+def test_split_by_group_never_puts_a_group_on_both_sides():
+    pairs = [Comparison(f"g{g}", 4 * g + k, 4 * g + k + 1, 3.0) for g in range(10) for k in range(3)]
+    train, held = split_by_group(pairs, 0.3, seed=1)
+    train_groups, held_groups = {c.group for c in train}, {c.group for c in held}
+    assert len(held_groups) == 3 and len(train_groups) == 7 and not train_groups & held_groups
+    assert sorted(train + held, key=pairs.index) == pairs  # every comparison on exactly one side
+    assert split_by_group(pairs, 0.3, seed=1) == (train, held)  # the seed fixes the split
+    assert {c.group for c in split_by_group(pairs, 0.3, seed=2)[1]} != held_groups
+    assert split_by_group(pairs[:3], 0.3, seed=1) == (pairs[:3], [])  # one group: nothing to hold out
+    assert len({c.group for c in split_by_group(pairs[:6], 0.01, seed=1)[1]}) == 1  # two groups: one each side
+
+
+def test_ensemble_spread_and_agreement_by_hand():
+    images = [grey(0), grey(51), grey(102)]  # mean grey 0, 0.2, 0.4
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    config = RewardModelConfig(features="pixels", members=3)
+    same = RewardModel(Brightness(), config, zero, one, torch.tensor([[5.0], [5.0], [5.0]]))
+    mean, spread = same.scores(images)
+    assert mean.tolist() == pytest.approx([0.0, 1.0, 2.0]) and spread.tolist() == [0.0, 0.0, 0.0]
+    assert same.rank(["a", "b", "c"], images) == ([["c"], ["b"], ["a"]], 1.0)
+    # Heads 1, 1, -1: rewards x, x, -x; mean x / 3, spread sqrt(((2x/3)^2 * 2 + (4x/3)^2) / 3) = 0.942809 x.
+    # The third member orders all 3 pairs against the mean: agreement 6 of 9.
+    split = RewardModel(Brightness(), config, zero, one, torch.tensor([[1.0], [1.0], [-1.0]]))
+    mean, spread = split.scores(images)
+    assert mean.tolist() == pytest.approx([0.0, 0.2 / 3, 0.4 / 3])
+    assert spread.tolist() == pytest.approx([0.0, 0.2 * 0.9428090416, 0.4 * 0.9428090416])
+    tiers, agreement = split.rank(["a", "b", "c"], images)
+    assert tiers == [["c"], ["b"], ["a"]] and agreement == pytest.approx(2 / 3)
+    assert split.rank(["a", "b"], [grey(51), grey(51)])[0] == [["a", "b"]]  # equal means share a tier
+    assert split.rank(["a"], [grey(51)]) == ([["a"]], 1.0)
+
+
+def phantom_groups(count: int, expert: str):
+    """``count`` groups of 4 phantoms (one modality a group, modalities in turn) ranked by a simulated expert."""
+    images, pairs = [], []
+    for g in range(count):
+        ids = [f"c{k}" for k in range(4)]
+        group = [unit_to_pil(make_phantom(MODALITIES[g % len(MODALITIES)], 1000 * g + k).image) for k in range(4)]
+        pairs += comparisons_from_rankings(f"g{g}", len(images), ids, [(EXPERTS[expert].rank(ids, group), 3)])
+        images += group
+    return images, pairs
+
+
+def test_bootstrap_members_differ_and_their_spread_is_positive():
+    images, pairs = phantom_groups(12, "brightness")
+    model = RewardModel.fit(images, pairs, PixelFeatures(), RewardModelConfig(features="pixels", members=4, seed=3))
+    assert model.heads.shape == (4, 27)
+    _, spread = model.scores(images)
+    assert (spread > 0).all()
+    assert 0.5 < model.rank([0, 1, 2, 3], images[:4])[1] <= 1.0
+
+
+def test_save_and_load_give_the_same_scores(tmp_path):
+    images, pairs = phantom_groups(8, "contrast")
+    model = RewardModel.fit(images, pairs, PixelFeatures(), RewardModelConfig(features="pixels", members=3))
+    seen = {"groups": ["g0", "g1"], "rankings": [1, 2, 3]}
+    model.save(tmp_path / "rm", seen)
+    assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == ["reward_model.json", "reward_model.safetensors"]
+    loaded = RewardModel.load(tmp_path / "rm", PixelFeatures())
+    for before, after in zip(model.scores(images), loaded.scores(images)):
+        np.testing.assert_array_equal(before, after)
+    assert loaded.seen == seen and loaded.metrics == model.metrics and loaded.config == model.config
+    with pytest.raises(ValueError, match="trained on 'pixels' features"):
+        RewardModel.load(tmp_path / "rm", featurizer("selector", selector=object()))
+    with pytest.raises(FileNotFoundError, match="not a reward-model folder"):
+        RewardModel.load(tmp_path, PixelFeatures())
+
+
+def test_fit_refuses_what_it_cannot_learn_from():
+    images = [grey(10), grey(200)]
+    with pytest.raises(ValueError, match="no comparisons"):
+        RewardModel.fit(images, [], PixelFeatures(), RewardModelConfig(features="pixels"))
+    with pytest.raises(ValueError, match="gives 'pixels' features but the config asks for 'latents'"):
+        RewardModel.fit(images, [Comparison("g", 0, 1, 1.0)], PixelFeatures(), RewardModelConfig(features="latents"))
+    with pytest.raises(ValueError, match="outside the 2 given"):
+        RewardModel.fit(images, [Comparison("g", 0, 2, 1.0)], PixelFeatures(), RewardModelConfig(features="pixels"))
+    with pytest.raises(ValueError, match="unknown reward-model features 'pixel'"):
+        RewardModelConfig(features="pixel").check()
+
+
+def test_pairwise_accuracy_counts_equal_rewards_half_and_weighs_by_level():
+    pairs = [Comparison("g", 0, 1, 3.0), Comparison("g", 1, 2, 1.0), Comparison("g", 2, 3, 2.0)]
+    rewards = [2.0, 1.0, 1.5, 1.5]  # right, wrong, equal
+    assert pairwise_accuracy(rewards, pairs) == pytest.approx((3 + 0 + 1) / 6)
+    assert pairwise_accuracy(rewards, pairs, weighted=False) == pytest.approx(1.5 / 3)
+
+
+def test_learns_a_simulated_experts_preference_on_held_out_groups(policy):
+    # The brightness expert ranks 32 groups of phantoms (one modality a group); the reward model on
+    # the generator's VAE latents (the default features) must order the pairs of groups it never saw
+    # far better than chance (0.5). Phantoms of one modality barely differ in contrast (many such
+    # groups tie throughout), so the contrast expert is left to the benchmark's generated groups.
+    images, pairs = phantom_groups(32, "brightness")
+    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig(holdout_fraction=0.25))
+    metrics = model.metrics
+    assert metrics["features"] == "latents" and metrics["members"] == 5
+    assert metrics["heldout_groups"] == round(0.25 * metrics["groups"]) and metrics["heldout_pairs"] >= 20
+    assert metrics["heldout_accuracy"] >= 0.85 and metrics["heldout_accuracy_unweighted"] >= 0.85
+    assert metrics["train_pairs"] + metrics["heldout_pairs"] == metrics["pairs"] == len(pairs)

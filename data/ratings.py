@@ -34,6 +34,10 @@ COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")
 #: The columns of ``Ratings.rows``.
 ROW_COLUMNS = ("row", "image_path", "path", "rating", "score", "modality", "expert_level", "prompt")
 
+#: The most a ratings zip may unpack to: entries, and bytes uncompressed (a zip bomb is refused unread).
+MAX_ARCHIVE_FILES = 20_000
+MAX_ARCHIVE_BYTES = 4 * 1024**3
+
 
 @dataclass(frozen=True)
 class RatingsConfig:
@@ -84,18 +88,29 @@ class Ratings:
         return "\n".join(lines + [f"  {error}" for error in self.errors])
 
 
-def unpack_ratings_archive(archive: str | Path, folder: str | Path) -> Path:
+def unpack_ratings_archive(archive: str | Path, folder: str | Path, max_files: int = MAX_ARCHIVE_FILES,
+                           max_bytes: int = MAX_ARCHIVE_BYTES) -> Path:
     """Unpack a zip holding one ratings CSV and its images into ``folder``; returns the CSV's path.
 
-    This is how a browser uploads a ratings file with its images. Entries that would land outside
-    ``folder`` (absolute paths, ``..``) refuse the whole archive before anything is written.
+    This is how a browser uploads a ratings file with its images. Before anything is written, the
+    whole archive is refused when an entry would land outside ``folder`` (absolute paths, ``..``),
+    or when it holds more than ``max_files`` entries or more than ``max_bytes`` uncompressed (the
+    sizes its directory declares; zipfile never unpacks an entry past its declared size).
     """
     archive, folder = Path(archive), Path(folder).resolve()
     try:
         with zipfile.ZipFile(archive) as zipped:
-            for name in zipped.namelist():
-                if not (folder / name).resolve().is_relative_to(folder):
-                    raise RatingsFileError(f"{archive.name}: entry {name!r} would unpack outside the archive's folder")
+            entries = zipped.infolist()
+            if len(entries) > max_files:
+                raise RatingsFileError(f"{archive.name}: {len(entries):,} entries; the limit is {max_files:,} files "
+                                       "per ratings archive")
+            unpacked = sum(entry.file_size for entry in entries)
+            if unpacked > max_bytes:
+                raise RatingsFileError(f"{archive.name}: unpacks to {unpacked:,} bytes; the limit is {max_bytes:,} "
+                                       "bytes uncompressed per ratings archive")
+            for entry in entries:
+                if not (folder / entry.filename).resolve().is_relative_to(folder):
+                    raise RatingsFileError(f"{archive.name}: entry {entry.filename!r} would unpack outside the archive's folder")
             zipped.extractall(folder)
     except zipfile.BadZipFile as error:
         raise RatingsFileError(f"{archive.name}: not a readable zip archive ({error})") from None

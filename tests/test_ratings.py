@@ -1,5 +1,6 @@
 """The ratings CSV: every faulty row reported by its spreadsheet row number, good rows still usable."""
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from PIL import Image
 
 from data.ratings import (
-    COLUMNS, Ratings, RatingsConfig, RatingsFileError, RowError, read_ratings, write_ratings,
+    COLUMNS, MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES, Ratings, RatingsConfig, RatingsFileError, RowError, read_ratings,
+    unpack_ratings_archive, write_ratings,
 )
 
 
@@ -162,3 +164,28 @@ def test_missing_empty_and_binary_files_are_file_errors(tmp_path):
 def test_config_needs_a_scale_that_goes_up():
     with pytest.raises(ValueError, match="rating_max"):
         RatingsConfig(rating_min=3, rating_max=3)
+
+
+def _zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for name, data in entries.items():
+            zipped.writestr(name, data)
+    return path
+
+
+def test_an_archive_over_the_file_count_is_refused_before_anything_is_written(tmp_path):
+    archive = _zip(tmp_path / "many.zip", {"ratings.csv": b"x", **{f"images/{k}.png": b"" for k in range(4)}})
+    with pytest.raises(RatingsFileError, match="many.zip: 5 entries; the limit is 4 files per ratings archive"):
+        unpack_ratings_archive(archive, tmp_path / "out", max_files=4)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert unpack_ratings_archive(archive, tmp_path / "out", max_files=5).name == "ratings.csv"
+
+
+def test_an_archive_over_the_uncompressed_size_is_refused_unread(tmp_path):
+    # 3 MB of zeros compress to a few kB: the declared sizes add up to 3,000,001 bytes
+    archive = _zip(tmp_path / "bomb.zip", {"ratings.csv": b"x", "images/zeros.png": bytes(3_000_000)})
+    assert archive.stat().st_size < 10_000
+    with pytest.raises(RatingsFileError, match="bomb.zip: unpacks to 3,000,001 bytes; the limit is 2,000,000 bytes"):
+        unpack_ratings_archive(archive, tmp_path / "out", max_bytes=2_000_000)
+    assert not (tmp_path / "out" / "images").exists()
+    assert (MAX_ARCHIVE_FILES, MAX_ARCHIVE_BYTES) == (20_000, 4 * 1024**3)  # the defaults the README names

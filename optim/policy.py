@@ -126,19 +126,24 @@ class Policy:
         # The adapters were created in the base layers' dtype; they train in fp32 (peft's LoRA layer casts
         # its input to the adapter's dtype and the sum back to the base layer's).
         self.dtype = self.unet.dtype
-        for parameter in self.lora_parameters():
-            parameter.data = parameter.data.float()
+        self._adapters_in_fp32()
         # Activations recomputed in backward instead of kept: on a GPU an update's memory is mostly
         # activations; on the CPU memory is plentiful and recomputing only costs time.
         self.gradient_checkpointing = device.type == "cuda"
+        self.initial_lora: dict | None = None  # {"file", "sha256"} of the diffusers LoRA the adapters started from
         self.version: str | None = None
+
+    def _adapters_in_fp32(self) -> None:
+        for parameter in self.lora_parameters():
+            parameter.data = parameter.data.float()
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4,
-             dtype: str | None = None) -> "Policy":
+             dtype: str | None = None, lora: str | Path | None = None) -> "Policy":
         """Load the embedded default (``model=None``) or a local diffusers folder; cuda when present.
 
         ``dtype``: "bf16", "fp16" or "fp32" for the frozen networks; None picks (see ``resolve_dtype``).
+        ``lora``: a diffusers LoRA file the adapters start from (``start_from_lora``).
         """
         from transformers.utils import logging as transformers_logging
 
@@ -167,7 +172,57 @@ class Policy:
             torch.backends.cudnn.allow_tf32 = True
         pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, path.resolve(), target, lora_rank)
+        policy = cls(pipeline, path.resolve(), target, lora_rank)
+        if lora is not None:
+            policy.start_from_lora(lora)
+        return policy
+
+    def start_from_lora(self, path: str | Path) -> None:
+        """Replace the fresh adapters by a diffusers LoRA file's: its rank, alpha, target layers and weights.
+
+        The file is read by diffusers' own ``load_lora_weights`` (so any format it reads works), then the
+        adapters are made fp32 and given the file's exact values (in a half-precision model they were
+        created in half). The policy's first version is then "base + this LoRA"; the reference policy
+        (adapters disabled) stays the base model. Text-encoder LoRA weights are refused: only the UNet trains.
+        """
+        import hashlib
+
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"LoRA file not found: {path}")
+        try:
+            state, _ = StableDiffusionPipeline.lora_state_dict(str(path), use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not read the LoRA file {path}: {error}") from error
+        others = sorted({key.split(".")[0] for key in state if not key.startswith("unet.")})
+        if others:
+            raise ModelLoadError(f"{path} also adapts {', '.join(others)}: the workbench trains the UNet's adapters only; "
+                                 "export a UNet-only LoRA")
+        if not state:
+            raise ModelLoadError(f"{path} holds no UNet LoRA weights (keys prefixed 'unet.')")
+        weights = {key[len("unet."):]: value for key, value in state.items()}
+        if not any("lora_A" in key for key in weights):
+            weights = convert_unet_state_dict_to_peft(weights)
+        self.unet.delete_adapters("default")
+        try:
+            self.pipeline.load_lora_weights(str(path), adapter_name="default")
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"the LoRA file {path} does not fit the model {self.model_path}: {error}") from error
+        self._adapters_in_fp32()
+        self.load_lora_state_dict(weights)
+        self.initial_lora = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    def adapter_config(self) -> dict:
+        """The adapters' rank, alpha and target layers: what a LoRA file needs beside its tensors."""
+        config = self.unet.peft_config["default"]
+        targets = config.target_modules
+        fields = {"r": config.r, "lora_alpha": config.lora_alpha,
+                  "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+        fields.update({name: dict(value) for name in ("rank_pattern", "alpha_pattern") if (value := getattr(config, name))})
+        return fields
 
     # ------------------------------------------------------------------ adapters and versions
 
@@ -228,15 +283,28 @@ class Policy:
             raise ValueError(
                 f"version {version_id} was trained on {version.base_model}, not on the loaded model {self.model_path}"
             )
+        self._check_same_start(store)
         self.load_lora_state_dict(store.weights(version_id))
         self.version = version.id
         return version
 
     def open_versions(self, store: VersionStore) -> Version:
-        """Load the store's current version, creating ``v0`` (the base model) in an empty store."""
+        """Load the store's current version, creating ``v0`` in an empty store: the base model, or base + the
+        LoRA file the policy started from (recorded in its metrics as ``initial_lora``)."""
         if store.current is None:
-            return self.save_version(store, algorithm=None, metrics={})
+            return self.save_version(store, algorithm=None, metrics={"initial_lora": self.initial_lora} if self.initial_lora else {})
         return self.use_version(store, store.current)
+
+    def _check_same_start(self, store: VersionStore) -> None:
+        """A store's versions fit only adapters shaped like its first version's: refuse another starting LoRA."""
+        started = store.list()[0].metrics.get("initial_lora")
+        if (started or {}).get("sha256") != (self.initial_lora or {}).get("sha256"):
+            def describe(lora):
+                return f"the LoRA file {lora['file']}" if lora else "the base model (no LoRA file)"
+
+            hint = f"--lora {started['file']}" if started else "no --lora"
+            raise ModelLoadError(f"the versions in {store.root} start from {describe(started)}, but this model starts from "
+                                 f"{describe(self.initial_lora)}: start with {hint}, or use another work directory")
 
     # ------------------------------------------------------------------ sampling and scoring
 
@@ -368,7 +436,7 @@ class Policy:
 
 
 def _sample_command(args) -> None:
-    policy = Policy.load(args.model, dtype=args.dtype)
+    policy = Policy.load(args.model, dtype=args.dtype, lora=args.lora)
     if args.version:
         policy.use_version(VersionStore(Path(args.workdir) / "versions"), args.version)
     result = policy.sample(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta)
@@ -410,6 +478,7 @@ def main(argv=None) -> int:
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--guidance", type=float, default=5.0)
     sample.add_argument("--eta", type=float, default=1.0)
+    sample.add_argument("--lora", default=None, help="diffusers LoRA file the adapters start from (as app.py --lora)")
     sample.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="frozen networks' precision (default: bf16 or fp16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args(argv)

@@ -6,9 +6,15 @@ Layout under the store's root::
     v1/...                                    (one folder per update)
     CURRENT                                   (the id the next round samples from)
 
-A version is written into a temporary folder and renamed into place, and ``CURRENT`` is replaced
-atomically, so a crash mid-update leaves the last good version current. Versions are never
+A version is written into a temporary folder (``.staging-*``) and renamed into place, and
+``CURRENT`` is replaced atomically, so a crash mid-update leaves the last good version current.
+What a kill can leave (a staging folder; a newest version that never became current) is for the
+owner to clear at start-up: ``remove_staging`` and ``set_aside``. Versions are never
 pickles: ``safetensors`` holds only tensors, so loading a version cannot run code.
+
+A version travels as a diffusers LoRA file (``export_diffusers_lora``): the same tensors with keys
+prefixed ``unet.`` and the adapter's rank, alpha and target layers in the file's metadata, which is
+what ``StableDiffusionPipeline.load_lora_weights`` reads (a file without the prefix loads nothing).
 """
 
 from __future__ import annotations
@@ -79,6 +85,46 @@ class VersionStore:
             raise
         self.set_current(version.id)
         return version
+
+    def export_diffusers_lora(self, version_id: str, path: str | Path, adapter_config: dict) -> Path:
+        """Write ``version_id`` as a diffusers LoRA file at ``path`` (a ``.safetensors`` file), atomically.
+
+        ``adapter_config``: the adapter's ``LoraConfig`` fields (``Policy.adapter_config()``); diffusers
+        would otherwise take alpha = rank, and the scaling alpha / rank would differ for any other alpha.
+        Written by diffusers' own ``save_lora_weights``, so the format is the one ``load_lora_weights`` reads.
+        """
+        from diffusers import StableDiffusionPipeline
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"a diffusers LoRA file ends in .safetensors, got {path.name}")
+        weights = {k: v.contiguous() for k, v in self.weights(version_id).items()}
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=weights, weight_name=path.name,
+                                                      unet_lora_adapter_metadata=dict(adapter_config))
+            os.replace(staging / path.name, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    def remove_staging(self) -> list[Path]:
+        """Remove the staging folders of versions that were being written when a process was killed;
+        returns them. Only at start-up: a running save owns its staging folder."""
+        leftovers = sorted(p for p in self.root.glob(".staging-*") if p.is_dir())
+        for folder in leftovers:
+            shutil.rmtree(folder)
+        return leftovers
+
+    def set_aside(self, version_id: str) -> Path:
+        """Move a version's folder out of the list, to ``.set-aside-<id>-<time>`` (kept for inspection);
+        returns where. The current version is refused."""
+        self.get(version_id)
+        if version_id == self.current:
+            raise ValueError(f"version {version_id} is current: roll back first")
+        target = self.root / f".set-aside-{version_id}-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(self.root / version_id, target)
+        return target
 
     @property
     def current(self) -> str | None:

@@ -1,7 +1,7 @@
 """The page in a real headless Chromium (Debian's, which .ci/run installs), driven by Playwright.
 
 Log in, generate, rank with the keyboard (digits, t, Backspace), submit with Enter, see the losses,
-download a dataset and load it. A screenshot of each tab lands in ``test-output/browser/``.
+judge blind A/B pairs with the keyboard (left arrow, =, right arrow), download a dataset and load it. A screenshot of each tab lands in ``test-output/browser/``.
 """
 
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from tests.conftest import PROMPT
+from tests.conftest import PROMPT, nudged_version
 from workbench.api import RoomAPI
 from workbench.auth import Users, add_user
 from workbench.room import ControlRoom, RoomConfig
@@ -28,17 +28,19 @@ if not Path(CHROMIUM).exists():
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
+def served(tmp_path_factory):
+    """The page's address and the room behind it."""
     folder = tmp_path_factory.mktemp("browser")
     add_user(folder / "users.yaml", "alice", "alice-password", role="admin", level=3)
     room = ControlRoom(workdir=folder / "run", config=RoomConfig(survivors=4, batch_size=4, max_draws=8, steps=4),
                        auto_register=False)
     page = serve(RoomAPI(room, Users(folder / "users.yaml")), block=False)
-    yield page.local_url
+    yield page.local_url, room
     page.close()
 
 
-def test_log_in_generate_rank_with_the_keyboard_see_losses_download(url, tmp_path):
+def test_log_in_generate_rank_with_the_keyboard_see_losses_verify_download(served, tmp_path):
+    url, room = served
     SHOTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -86,6 +88,18 @@ def test_log_in_generate_rank_with_the_keyboard_see_losses_download(url, tmp_pat
         page.wait_for_selector("text=Compare on the same seeds")
         page.screenshot(path=str(SHOTS / "models.png"), full_page=True)
 
+        assert nudged_version(room) == "v1"  # a second version to verify against its parent, v0
+        page.get_by_role("tab", name="Verify").click()  # opening the tab draws the first pair
+        status = "document.getElementById('verify-status').innerText"
+        for key, shown in [("ArrowLeft", "Pair 1 "), ("=", "Pair 2 "), ("ArrowRight", "Pair 3 "), (None, "Pair 4 ")]:
+            page.wait_for_function(f"(shown) => {status}.includes(shown)", arg=shown)
+            if key:  # focus is still on the tab: the arrows judge, they do not switch tabs
+                page.keyboard.press(key)
+        page.click("#verify-results")
+        page.wait_for_function("() => /all experts\\s+3\\s/.test(document.getElementById('verify-table').innerText)")
+        assert "v0 → v1" in page.inner_text("#verify-table")
+        page.screenshot(path=str(SHOTS / "verify.png"), full_page=True)
+
         page.get_by_role("tab", name="Experts").click()
         page.wait_for_selector("text=Rankings per expert")
         page.screenshot(path=str(SHOTS / "experts.png"), full_page=True)
@@ -106,4 +120,10 @@ def test_log_in_generate_rank_with_the_keyboard_see_losses_download(url, tmp_pat
     # tiers 2 > 3 > 4 = 1: five decided pairs and one tie, all from alice at level 3
     assert len(rows) == 6 and sorted(zip(rows["label_0"], rows["label_1"])).count((0.5, 0.5)) == 1
     assert set(rows["expert_level"]) == {3}
-    assert sorted(p.name for p in SHOTS.glob("*.png")) == ["data.png", "experts.png", "models.png", "optimize.png", "rank.png"]
+    assert sorted(p.name for p in SHOTS.glob("*.png")) == ["data.png", "experts.png", "models.png", "optimize.png", "rank.png",
+                                                           "verify.png"]
+    # left, same, right: the stored verdicts name the version that was on that side
+    judged = room.store.ab_judgements()
+    assert [(j["expert"], j["version_a"], j["version_b"]) for j in judged] == [("alice", "v0", "v1")] * 3
+    other = {"a": "b", "b": "a"}
+    assert [j["verdict"] for j in judged] == [judged[0]["left"], "same", other[judged[2]["left"]]]

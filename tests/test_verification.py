@@ -6,6 +6,8 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
+from gradio_client import Client
+from PIL import Image
 
 from data.export import pseudonym
 from data.phantoms import all_prompts
@@ -15,6 +17,7 @@ from tests.conftest import PROMPT, nudged_version
 from workbench import ControlRoom, RoomConfig
 from workbench.api import RoomAPI
 from workbench.auth import Users, add_user
+from workbench.ui import serve
 from workbench.verification import pair_versions
 
 CONFIG = RoomConfig(steps=4)
@@ -169,6 +172,27 @@ def test_an_expert_sees_only_their_own_row_an_admin_sees_everyone(room, tmp_path
     everyone = api.ab_results(api.caller(SimpleNamespace(username="ann")))[0]
     assert {"ann", "cyd"} <= set(everyone["per_expert"])
     assert room.store.ab_judgements(expert="cyd")[0]["level"] == 1
+
+
+def test_over_http_a_pair_names_no_version_and_takes_one_judgement(room):
+    page = serve(RoomAPI(room), block=False)  # local mode: the caller names themselves
+    try:
+        local = Client(page.local_url, verbose=False)
+        with pytest.raises(Exception, match="type your name first: judgements are stored under it"):
+            local.predict(api_name="/ab_pair")
+        pair = local.predict(prompt=PROMPT, seed=5, expert="dan", api_name="/ab_pair")
+        assert set(pair) == {"pair_id", "prompt", "left", "right"} and pair["prompt"] == PROMPT
+        assert Image.open(pair["left"]).size == Image.open(pair["right"]).size == (64, 64)
+        assert "v0" not in pair["left"] + pair["right"] and "v1" not in pair["left"] + pair["right"]
+        with pytest.raises(Exception, match="choice must be one of"):
+            local.predict(pair_id=pair["pair_id"], choice="up", expert="dan", api_name="/ab_judge")
+        assert local.predict(pair_id=pair["pair_id"], choice="right", expert="dan", api_name="/ab_judge")["stored"]
+        with pytest.raises(Exception, match="is already judged"):
+            local.predict(pair_id=pair["pair_id"], choice="left", expert="dan", api_name="/ab_judge")
+        dan = local.predict(api_name="/ab_results")[0]["per_expert"]["dan"]
+        assert (dan["n"], dan["same"]) == (1, 0) and dan["wins"] + dan["losses"] == 1
+    finally:
+        page.close()
 
 
 def test_results_survive_a_restart_and_the_ab_export_holds_pseudonyms(room, tmp_path):

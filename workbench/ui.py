@@ -1,4 +1,4 @@
-"""The control room page (Gradio Blocks): Rank, Optimize, Models, Data, Experts.
+"""The control room page (Gradio Blocks): Rank, Optimize, Models, Verify, Data, Experts.
 
 Thin: every action calls ``RoomAPI`` (``workbench/api.py``), which checks who may do it and calls
 ``ControlRoom``; the page only lays out, shuffles what it shows, and keeps each browser session's
@@ -8,6 +8,11 @@ an accounts file is given), the keyboard shortcuts, and analytics, run history a
 Ranking is blind: survivors are shown in a fresh random order, numbered 1..k, with no scores and no
 version. Click (or type the digit) in order of preference; "tie" joins the last pick to the one
 before it; Backspace undoes; s skips; Enter submits; n takes the next group from the queue.
+
+Verification is blind too: two images of one prompt and seed, one from each of two versions, on
+random sides that only the server knows. Left arrow, ``=`` or right arrow answers, and the next
+pair loads. The win-rates table refreshes when asked (or the tab is opened), not after every
+answer: a table that changed with each answer would tell which side held the newer version.
 """
 
 from __future__ import annotations
@@ -55,10 +60,20 @@ class Ranking:
         return f"**Your order, best first:** {order}  \nStill to place: {', '.join(left) or 'none: press Submit (Enter)'}"
 
 
+@dataclass
+class Verifying:
+    """One browser session's blind A/B pair on screen (a ``gr.State``); the versions stay on the server."""
+
+    pair_id: str | None = None
+    shown_at: float = 0.0
+    judged: int = 0  # answers given in this session
+
+
 def build_page(api: RoomAPI) -> gr.Blocks:
     room, local = api.room, api.users is None
     with gr.Blocks(title="Medical preference workbench") as page:
         ranking = gr.State(Ranking())
+        verifying = gr.State(Verifying())
         with gr.Row():
             gr.Markdown("## Medical preference workbench")
             who = gr.Markdown()
@@ -140,6 +155,27 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                     rollback_to = gr.Dropdown(label="Roll back to (admins)")
                     rollback_button = gr.Button("Roll back")
             models_status = gr.Markdown()
+
+        # ------------------------------------------------------------------ Verify
+        with gr.Tab("Verify", id="verify") as verify_tab:
+            gr.Markdown("Blind A/B: one image from each of two versions, same prompt, same seed, sides at random. "
+                        "Which is better? **Left (←)**, **Same (=)** or **Right (→)**; the next pair follows.")
+            with gr.Row():
+                verify_a = gr.Dropdown(label="Compare version (default: the current one's parent)")
+                verify_b = gr.Dropdown(label="with version (default: the current one)")
+                verify_next = gr.Button("New pair", elem_id="verify-next")
+            verify_status = gr.Markdown("Open this tab or press **New pair** to see a pair.", elem_id="verify-status")
+            with gr.Row():
+                verify_left = gr.Image(label="Left", interactive=False, type="pil", height=320, buttons=["fullscreen"])
+                verify_right = gr.Image(label="Right", interactive=False, type="pil", height=320, buttons=["fullscreen"])
+            with gr.Row():
+                left_button = gr.Button("Left better (←)", elem_id="verify-left")
+                same_button = gr.Button("Same (=)", elem_id="verify-same")
+                right_button = gr.Button("Right better (→)", elem_id="verify-right")
+            gr.Markdown("### Win-rate of the newer version per version pair (\"same\" counts as half a win; "
+                        "95% Wilson interval)")
+            verify_results = gr.Button("Refresh results", size="sm", elem_id="verify-results")
+            verify_table = gr.Dataframe(interactive=False, elem_id="verify-table")
 
         # ------------------------------------------------------------------ Data
         with gr.Tab("Data", id="data"):
@@ -302,6 +338,52 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             version = api.rollback(caller(request, name_value, level_value), target)
             return f"**{version['id']}** is current again; the next round samples from it."
 
+        def verify_versions(a, b):
+            """The version selectors' choices, keeping the session's picks; defaults: the current one's parent and it."""
+            listed = room.versions()
+            ids = [v["id"] for v in listed]
+            current = next(v for v in listed if v["current"])
+            a = a if a in ids else current["parent"]
+            b = b if b in ids else current["id"]
+            return gr.update(choices=ids, value=a), gr.update(choices=ids, value=b)
+
+        @clear_errors
+        def on_pair(a, b, state: Verifying, name_value, level_value, request: gr.Request, progress=gr.Progress()):
+            progress(None, desc="drawing one image from each version")
+            pair = api.ab_pair(caller(request, name_value, level_value), a, b)
+            state.pair_id, state.shown_at = pair.id, time.time()
+            return (state, f"**Pair {state.judged + 1}** of this session · {pair.prompt}: which is better?",
+                    _enlarged(pair.left), _enlarged(pair.right))
+
+        def on_first_pair(a, b, state: Verifying, name_value, level_value, request: gr.Request, progress=gr.Progress()):
+            """Opening the tab shows a pair, unless one is already waiting for this session's answer."""
+            if state.pair_id is not None:
+                return state, gr.update(), gr.update(), gr.update()
+            return on_pair(a, b, state, name_value, level_value, request, progress)
+
+        def on_judge(choice: str):
+            @clear_errors
+            def judge(state: Verifying, name_value, level_value, request: gr.Request):
+                if state.pair_id is None:
+                    raise ValueError("no pair to judge yet: wait for it, or press New pair")
+                seconds = round(time.time() - state.shown_at, 1)
+                api.ab_judge(caller(request, name_value, level_value), state.pair_id, choice, seconds)
+                state.pair_id, state.judged = None, state.judged + 1
+                return state, f"Stored ({state.judged} in this session). Drawing the next pair…", None, None
+            return judge
+
+        def results_view(name_value, level_value, request: gr.Request):
+            rows = []
+            for pair in api.ab_results(caller(request, name_value, level_value)):
+                versions = f"{pair['version_a']} → {pair['version_b']}"
+                for who_, counts in [("all experts", pair["overall"]), *pair["per_expert"].items()]:
+                    rows.append({"versions": versions, "expert": who_, "judgements": counts["n"],
+                                 "newer better": counts["wins"], "same": counts["same"], "older better": counts["losses"],
+                                 "win-rate of newer": round(counts["win_rate"], 3),
+                                 "95% interval": f"{counts['low']:.3f} – {counts['high']:.3f}"})
+            return pd.DataFrame(rows, columns=["versions", "expert", "judgements", "newer better", "same", "older better",
+                                               "win-rate of newer", "95% interval"])
+
         def counts_view():
             c = room.counts()
             modality = "\n".join(f"| {m} | {n} | {c['imported_per_modality'].get(m, 0)} |" for m, n in
@@ -374,6 +456,15 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                              [gallery_a, gallery_b], **gpu)
         rollback_button.click(on_rollback, [rollback_to, *me], [models_status], **gpu).then(
             models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
+        verify_opened = verify_tab.select(verify_versions, [verify_a, verify_b], [verify_a, verify_b], **quick)
+        verify_opened.then(results_view, me, [verify_table], **quick)
+        pair_view = [verifying, verify_status, verify_left, verify_right]
+        verify_opened.then(on_first_pair, [verify_a, verify_b, verifying, *me], pair_view, **gpu)
+        verify_next.click(on_pair, [verify_a, verify_b, verifying, *me], pair_view, **gpu)
+        for button, choice in ((left_button, "left"), (same_button, "same"), (right_button, "right")):
+            button.click(on_judge(choice), [verifying, *me], pair_view, **quick).success(
+                on_pair, [verify_a, verify_b, verifying, *me], pair_view, **gpu)
+        verify_results.click(results_view, me, [verify_table], **quick)
         export_button.click(on_export, [export_kind, export_dicom, *me], [export_file], **quick)
         import_button.click(on_import, [import_file, *me], [import_report, counts_text], **quick)
         experts_tab.select(experts_view, me, [experts_table, agreement_table, overlap, experts_status], **quick)

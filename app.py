@@ -1,12 +1,14 @@
 """Serve the control room: ``python app.py`` on the embedded default model, or ``--model PATH``.
 
 ``--auth users.yaml`` turns on logins (make the file with ``python -m workbench.auth add-user``);
-without it the page runs in local single-user mode and asks for a name.
+without it the page runs in local single-user mode and asks for a name, and then only on a
+loopback address unless ``--insecure-no-auth`` says otherwise (every visitor would be an admin).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
 from optim.policy import ModelLoadError
@@ -22,7 +24,14 @@ def main(argv=None) -> int:
                         help="accounts file: experts log in, only admins update or roll back")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a shared box)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve a non-loopback --host without --auth: everyone who reaches it is an admin")
     args = parser.parse_args(argv)
+    if args.auth is None and not is_loopback(args.host) and not args.insecure_no_auth:
+        print(f"error: --host {args.host} without --auth: anyone who can reach this address could rank, update, "
+              "roll back and export as an admin; pass --auth users.yaml (python -m workbench.auth add-user), "
+              "or --insecure-no-auth if that is really meant", file=sys.stderr)
+        return 2
 
     from workbench.api import RoomAPI
     from workbench.auth import Users, UsersFileError
@@ -36,10 +45,21 @@ def main(argv=None) -> int:
     except (ModelLoadError, UsersFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if users is None and args.host not in ("127.0.0.1", "localhost"):
-        print("warning: no --auth: anyone who can reach this address can rank, update and roll back", file=sys.stderr)
+    if users is None and not is_loopback(args.host):
+        print("warning: --insecure-no-auth: anyone who can reach this address can rank, update, roll back and export",
+              file=sys.stderr)
     serve(RoomAPI(room, users), host=args.host, port=args.port)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches: localhost, 127.0.0.0/8, ::1 (any other name counts as reachable)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

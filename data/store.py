@@ -325,8 +325,8 @@ class Store:
         # Checked in a read first, then the insert alone in its own transaction: the write lock,
         # which every expert's submission queues for, is held for one statement.
         with self._session() as s:
-            group, who = self._group(s, group_id), self._expert(s, expert)
-            _check_answer(group, list(tiers or []), ratings, skipped)
+            candidates, who = self._candidates(s, group_id), self._expert(s, expert)
+            _check_answer(group_id, candidates, list(tiers or []), ratings, skipped)
             expert_id, level = who.id, who.level if level is None else level
         if level not in LEVELS:
             raise StoreError(f"level must be one of {LEVELS}, not {level!r}")
@@ -338,6 +338,12 @@ class Store:
         except IntegrityError:  # the unique (group, expert) constraint, also when two submissions race
             raise StoreError(f"expert {expert!r} has already ranked group {group_id}; a group takes one ranking per expert") from None
         return _row(row, expert=expert)
+
+    def survivors(self, group_id: str) -> list[str]:
+        """The ids of the group's candidates that passed the selector, in position order: what a ranking
+        ranks. One light query, for the ranking path (``get_group`` loads every column of every candidate)."""
+        with self._session() as s:
+            return [c.id for c in self._candidates(s, group_id) if c.passed]
 
     def rankings(self, group_id: str | None = None, expert: str | None = None) -> list[dict]:
         """Rankings, oldest first, of one group and/or one expert when given."""
@@ -515,6 +521,14 @@ class Store:
             raise StoreError(f"unknown group {group_id!r}")
         return group
 
+    def _candidates(self, s, group_id: str) -> list:
+        """The group's candidates as rows of (id, passed), position order; an unknown group is refused."""
+        rows = s.execute(select(Candidate.id, Candidate.passed).where(Candidate.group_id == group_id)
+                         .order_by(Candidate.position)).all()
+        if not rows:
+            self._group(s, group_id)  # raises, naming the group, when there is no such group
+        return rows
+
     def _expert(self, s, name: str) -> Expert:
         expert = s.scalars(select(Expert).where(Expert.name == name)).first()
         if expert is None:
@@ -530,16 +544,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _check_answer(group: Group, tiers: list, ratings: dict | None, skipped: bool) -> None:
-    """Refuse a ranking that does not rank exactly the group's survivors, naming every offending id."""
+def _check_answer(group_id: str, candidates: list, tiers: list, ratings: dict | None, skipped: bool) -> None:
+    """Refuse a ranking that does not rank exactly the group's survivors (``candidates``: rows with
+    ``id`` and ``passed``), naming every offending id."""
     if skipped:
         if tiers or ratings:
-            raise StoreError(f"group {group.id}: a skip carries no tiers or ratings")
+            raise StoreError(f"group {group_id}: a skip carries no tiers or ratings")
         return
-    ids = {c.id for c in group.candidates}
-    survivors = [c.id for c in group.candidates if c.passed]
+    ids = {c.id for c in candidates}
+    survivors = [c.id for c in candidates if c.passed]
     if not tiers or not all(isinstance(t, (list, tuple)) and t and all(isinstance(c, str) for c in t) for t in tiers):
-        raise StoreError(f"group {group.id}: a ranking is a list of non-empty tiers of candidate ids, not {tiers!r}")
+        raise StoreError(f"group {group_id}: a ranking is a list of non-empty tiers of candidate ids, not {tiers!r}")
     ranked = [c for tier in tiers for c in tier]
     faults = []
     if unknown := [str(c) for c in ranked if c not in ids]:
@@ -554,7 +569,7 @@ def _check_answer(group: Group, tiers: list, ratings: dict | None, skipped: bool
         if candidate not in ids or rating not in RATINGS:
             faults.append(f"rating {rating!r} for {candidate!r} (ratings are 1-3 for this group's candidates)")
     if faults:
-        raise StoreError(f"group {group.id}: ranking refused: {'; '.join(faults)}; survivors are {', '.join(survivors)}")
+        raise StoreError(f"group {group_id}: ranking refused: {'; '.join(faults)}; survivors are {', '.join(survivors)}")
 
 
 def _row(row: Base, **extra) -> dict:

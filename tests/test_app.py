@@ -155,5 +155,7 @@ def test_a_logged_in_user_gets_only_the_files_handed_out(server):
     for private in [folder / "users.yaml", folder / "run" / "workbench.db", room.workdir / "export.secret"]:
         assert private.exists()
         assert session.get(f"gradio_api/file={private}").status_code == 403, private
-    handed_out = client(url, "bob").predict(kind="groups", api_name="/export")
+    with pytest.raises(Exception, match="only an admin can export datasets; bob is an expert"):
+        client(url, "bob").predict(kind="groups", api_name="/export")
+    handed_out = client(url, "alice").predict(kind="groups", api_name="/export")
     assert handed_out.endswith("ranking-groups.parquet")

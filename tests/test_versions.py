@@ -44,3 +44,21 @@ def test_unknown_version_names_the_known_ones(tmp_path):
         store.set_current("v7")
     with pytest.raises(KeyError, match="unknown version '../etc'"):
         store.weights("../etc")
+
+
+def test_kill_leftovers_staging_folders_removed_and_a_version_set_aside(tmp_path):
+    store = VersionStore(tmp_path)
+    store.save(weights(0), parent=None, algorithm=None, base_model="m")
+    store.save(weights(1), parent="v0", algorithm="grpo", base_model="m")
+    half_written = tmp_path / ".staging-abc123"
+    half_written.mkdir()
+    (half_written / "adapter.safetensors").write_bytes(b"half")
+    assert store.remove_staging() == [half_written] and not half_written.exists()
+
+    with pytest.raises(ValueError, match="version v1 is current: roll back first"):
+        store.set_aside("v1")
+    store.set_current("v0")
+    moved = store.set_aside("v1")
+    assert moved.parent == tmp_path and moved.name.startswith(".set-aside-v1-") and (moved / "meta.json").exists()
+    assert [v.id for v in store.list()] == ["v0"]
+    assert store.save(weights(2), parent="v0", algorithm="dpo", base_model="m").id == "v1"  # the number is free again

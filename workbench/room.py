@@ -18,8 +18,11 @@ exports. The page (``workbench/ui.py``) and the HTTP API are thin layers over th
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
 import secrets
+import shutil
 import statistics
 import tempfile
 import threading
@@ -47,6 +50,9 @@ from optim.verification import summarize
 from optim.versions import VersionStore
 from workbench.sampler import RejectionSampler, SamplerConfig
 from workbench.verification import BlindPair, draw_pair
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +99,10 @@ class ControlRoom:
         self.sampler = RejectionSampler(self.policy, Selector.load(selector), SamplerConfig(
             self.config.survivors, self.config.batch_size, self.config.max_draws))
         self.model_lock = threading.Lock()
+        self.imports = self.workdir / "imports"  # ratings zips unpack here; emptied at each start (a kill leaves files)
+        shutil.rmtree(self.imports, ignore_errors=True)
+        self.imports.mkdir()
+        self._reconcile_versions()
         with self.model_lock:
             current = self.policy.open_versions(self.version_store)
         if not any(v["id"] == current.id for v in self.store.versions()):
@@ -128,7 +138,7 @@ class ControlRoom:
         (``auto_register``) an unknown name is added at that level.
         """
         if not skipped:
-            tiers = validate_ranking(tiers, self.store.get_group(group_id)["survivors"])
+            tiers = validate_ranking(tiers, self.store.survivors(group_id))
         self._register(expert, level)
         return self.store.add_ranking(group_id, expert, None if skipped else tiers, level=level, ratings=ratings,
                                       skipped=skipped, seconds=seconds)
@@ -278,7 +288,7 @@ class ControlRoom:
         """Import a ratings CSV (its images beside it) or a zip of one: good rows are stored, every bad
         row is reported by number and column. Images are stored as the PNG the expert saw."""
         path = Path(path)
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(dir=self.imports) as folder:  # removed after an error too
             csv_path = unpack_ratings_archive(path, folder) if path.suffix.lower() == ".zip" else path
             ratings = read_ratings(csv_path)
             rows = [NewImportedRating(_png(unit_to_pil(to_display(read_image(row.path)))), row.rating, row.modality,
@@ -347,12 +357,58 @@ class ControlRoom:
                 for j in self.store.ab_judgements()]
 
     def _secret(self) -> str:
-        """The installation's export key (pseudonyms, DICOM UIDs): made once, kept in the work directory."""
+        """The installation's export key (pseudonyms, DICOM UIDs): made once, kept in the work directory.
+
+        Made atomically: the key is written to a private temporary file (mode 0600 from the start) and
+        hard-linked into place, which fails if the key already exists; so two first exports at once
+        agree on one key, and no one ever reads a half-written or briefly world-readable key.
+        """
         path = self.workdir / "export.secret"
         if not path.exists():
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
+            handle, temporary = tempfile.mkstemp(dir=self.workdir, prefix=".export.secret.")
+            try:
+                with os.fdopen(handle, "w") as written:
+                    written.write(secrets.token_hex(32))
+                    written.flush()
+                    os.fsync(written.fileno())
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another export made it first: use theirs
+            finally:
+                os.unlink(temporary)
         return path.read_text().strip()
+
+    def _reconcile_versions(self) -> None:
+        """Put right what a kill -9 leaves, before the current version loads: staging folders of a
+        version being written; the newest version folder when it is neither current nor recorded (it
+        was renamed into place, and the kill came before it became current: set aside); and a saved
+        version whose update the store never recorded (its ``meta.json`` names the groups it trained
+        on and who asked, so the update is recorded now and those groups are not trained again)."""
+        for folder in self.version_store.remove_staging():
+            log.warning("removed %s: a version was being written when the server stopped", folder)
+        recorded = {v["id"] for v in self.store.versions()}
+        on_disk = self.version_store.list()
+        if on_disk and on_disk[-1].id not in recorded and on_disk[-1].id != self.version_store.current:
+            moved = self.version_store.set_aside(on_disk[-1].id)
+            log.warning("set %s aside to %s: it never became current and is not in the database "
+                        "(the server stopped while saving it); its groups stay unused", on_disk[-1].id, moved)
+            on_disk.pop()
+        updated = {u["version_id"] for u in self.store.updates() if u["applied"]}
+        for version in on_disk:
+            groups = version.metrics.get("groups")
+            if groups is None or version.id in updated:
+                continue  # a base version, or its update is recorded
+            try:
+                if version.id not in recorded:
+                    self.store.record_version(version.id, version.parent, version.algorithm, version.metrics)
+                self.store.record_update(version.metrics.get("who", "unknown"), version.algorithm, groups, True, version.id,
+                                         f"{version.id}: recorded at start-up from its meta.json (the server stopped "
+                                         "before recording this update)", version.metrics)
+            except StoreError as error:
+                log.warning("could not record the update that made %s: %s", version.id, error)
+                continue
+            log.warning("recorded the update that made %s from its meta.json: the server stopped before recording it; "
+                        "its %d groups will not be trained again", version.id, len(groups))
 
 
 def _png(image: Image.Image) -> bytes:

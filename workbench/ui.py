@@ -32,10 +32,13 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data.phantoms import all_prompts  # noqa: E402
-from workbench.api import EXPORT_FILES, GPU, MAX_PROMPT_CHARS, RoomAPI, clear_errors, register_api  # noqa: E402
+from workbench.api import (  # noqa: E402
+    EXPORT_FILES, GPU, MAX_PROMPT_CHARS, OUTBOX_HOURS, RoomAPI, app_options, clear_errors, login_function,
+    register_api)
 from workbench.room import RoomGroup  # noqa: E402
 
 SLOTS = 8  # the most survivors a group shows
+MAX_UPLOAD = "1gb"  # the largest file the page or the API accepts (a ratings zip with its images)
 KEYS_JS = (Path(__file__).parent / "keys.js").read_text()
 _picks_lock = threading.Lock()  # picks arrive one HTTP call per key press; their edits must not interleave
 
@@ -395,8 +398,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
 
         @clear_errors
         def on_export(kind, dicom, name_value, level_value, request: gr.Request):
-            caller(request, name_value, level_value)
-            return str(api.export(kind, dicom and kind == "ratings_csv"))
+            return str(api.export(caller(request, name_value, level_value), kind, dicom and kind == "ratings_csv"))
 
         @clear_errors
         def on_import(file, name_value, level_value, request: gr.Request):
@@ -499,14 +501,22 @@ def _enlarged(image, size: int = 256):
 
 
 def serve(api: RoomAPI, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> gr.Blocks:
-    """Launch the page; with an accounts file every route asks for a login first."""
+    """Launch the page; with an accounts file every route asks for a login first.
+
+    Uploads are limited to ``MAX_UPLOAD``; every hour, Gradio's cache of uploaded and handed-out
+    files loses what is older than the outbox's hours, and at shutdown all of it.
+    """
     page = build_page(api)
     page.queue(default_concurrency_limit=None)
+    page.delete_cache = (3600, OUTBOX_HOURS * 3600)
     page.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-        auth=None if api.users is None else api.users.authenticate,
-        auth_message="Medical preference workbench: log in with the account your admin made for you.",
+        auth=None if api.users is None else login_function(api.users),
+        auth_message="Medical preference workbench: log in with the account your admin made for you. "
+                     "After 5 failed logins, that name and address wait 30 s.",
+        max_file_size=MAX_UPLOAD,
         allowed_paths=[str(api.outbox)], head=f"<script>{KEYS_JS}</script>",
         enable_monitoring=False, run_history=False, show_error=True, ssr_mode=False,
+        app_kwargs=app_options(api),  # POST /room/rank without Gradio's queue; the caller's address for logins
     )
     return page

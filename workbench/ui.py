@@ -362,6 +362,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             """Opening the tab shows a pair, unless one is already waiting for this session's answer."""
             if state.pair_id is not None:
                 return state, gr.update(), gr.update(), gr.update()
+            if len(room.versions()) < 2:
+                return state, "Only one version so far: an update makes the second one to compare with.", None, None
             return on_pair(a, b, state, name_value, level_value, request, progress)
 
         def on_judge(choice: str):

@@ -27,6 +27,10 @@ this module needs nothing else. ``export(kind, records, path, secret=...)`` writ
   "same": which VERSION won, not which side), ``created_at, seconds``. No images: the two versions,
   the prompt and the seed draw them again.
 
+Every pair and group row carries ``source``: "human" for an expert's ranking, "ai" for a group the
+reward model ranked for an amplified update (expert level 0, user_id of "reward-model"). The control
+room exports AI rows only when asked, so a download is human preferences unless it says otherwise.
+
 Image columns are Hugging Face ``datasets.Image`` structs ``{bytes, path}`` (path empty), with the
 features in the parquet metadata, so ``datasets.load_dataset("parquet", data_files=...)`` gives
 images back. Every image is PNG: a candidate from an imported DICOM arrives already de-identified,
@@ -77,6 +81,7 @@ class RankingRecord:
     level: int  # 1-3
     tiers: list[list[CandidateId]]  # best first; a tier holds candidates the expert tied
     created_at: datetime  # naive times are taken as UTC
+    source: str = "human"  # "ai": the reward model ranked the group (level 0), never a human preference
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,12 @@ PICKAPIC_FEATURES = Features({
     "caption": Value("string"), "jpg_0": _IMAGE, "jpg_1": _IMAGE,
     "label_0": Value("float64"), "label_1": Value("float64"),
     "user_id": Value("int64"), "ranking_id": Value("string"), "created_at": _TIME,
-    "model_0": Value("string"), "model_1": Value("string"), "expert_level": Value("int8"),
+    "model_0": Value("string"), "model_1": Value("string"), "expert_level": Value("int8"), "source": Value("string"),
 })
-TRL_FEATURES = Features({"prompt": Value("string"), "chosen": _IMAGE, "rejected": _IMAGE})
+TRL_FEATURES = Features({"prompt": Value("string"), "chosen": _IMAGE, "rejected": _IMAGE, "source": Value("string")})
 GROUPS_FEATURES = Features({
     "prompt": Value("string"), "generations": List(_IMAGE), "ranking": List(Value("int32")),
-    "expert_level": Value("int8"), "user_id": Value("int64"), "ranking_id": Value("string"),
+    "expert_level": Value("int8"), "user_id": Value("int64"), "ranking_id": Value("string"), "source": Value("string"),
 })
 AB_FEATURES = Features({
     "judgement_id": Value("string"), "user_id": Value("int64"), "expert_level": Value("int8"),
@@ -210,7 +215,7 @@ def _pickapic_rows(records: list[RankedGroupRecord], secret: bytes | str) -> Ite
                     "label_0": label, "label_1": 1.0 - label,
                     "user_id": pseudonym(ranking.expert, secret), "ranking_id": str(ranking.ranking_id),
                     "created_at": ranking.created_at, "model_0": a.model_version, "model_1": b.model_version,
-                    "expert_level": ranking.level,
+                    "expert_level": ranking.level, "source": ranking.source,
                 }
 
 
@@ -220,7 +225,8 @@ def _trl_rows(records: list[RankedGroupRecord]) -> Iterator[dict]:
             for a, b, label in _pairs(group, ranking):
                 if label != 0.5:
                     chosen, rejected = (a, b) if label == 1.0 else (b, a)
-                    yield {"prompt": group.prompt, "chosen": _image(chosen), "rejected": _image(rejected)}
+                    yield {"prompt": group.prompt, "chosen": _image(chosen), "rejected": _image(rejected),
+                           "source": ranking.source}
 
 
 def _groups_rows(records: list[RankedGroupRecord], secret: bytes | str) -> Iterator[dict]:
@@ -232,6 +238,7 @@ def _groups_rows(records: list[RankedGroupRecord], secret: bytes | str) -> Itera
                 "prompt": group.prompt, "generations": [_image(candidate) for candidate in ranked],
                 "ranking": [tier[candidate.id] for candidate in ranked], "expert_level": ranking.level,
                 "user_id": pseudonym(ranking.expert, secret), "ranking_id": str(ranking.ranking_id),
+                "source": ranking.source,
             }
 
 

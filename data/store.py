@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, select
+from sqlalchemy import (JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, inspect, select,
+                        text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship, sessionmaker
 
@@ -38,6 +39,7 @@ from data.modalities import modality_of_prompt
 ROLES = ("expert", "admin")
 LEVELS = (1, 2, 3)
 RATINGS = (1, 2, 3)
+HUMAN, AI = "human", "ai"  # a group's source
 AB_CHOICES = ("left", "right", "same")  # what an expert picks in a blind pair
 AB_SIDES = ("a", "b")  # the versions of a pair, older first
 
@@ -76,6 +78,10 @@ class Group(Base):
     settings: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=_now, index=True)
     wanted_rankings: Mapped[int] = mapped_column(default=1)
+    # "human": drawn for experts to rank; "ai": drawn for an amplified update and ranked by the reward
+    # model (``ai`` holds its scores), never offered to experts, never exported as a human preference.
+    source: Mapped[str] = mapped_column(String(8), default=HUMAN, server_default=HUMAN)
+    ai: Mapped[dict | None] = mapped_column(JSON)
     candidates: Mapped[list[Candidate]] = relationship(order_by="Candidate.position", lazy="selectin")
 
 
@@ -167,16 +173,6 @@ class Setting(Base):
     value: Mapped[dict] = mapped_column(JSON)
 
 
-@dataclass
-class NewImportedRating:
-    image: bytes  # PNG
-    rating: float
-    modality: str
-    level: int
-    prompt: str
-    source: str
-
-
 class ABPair(Base):
     """A blind A/B pair the server showed an expert: one image of each version, same prompt and seed.
 
@@ -208,6 +204,16 @@ class ABJudgement(Base):
 
 
 @dataclass
+class NewImportedRating:
+    image: bytes  # PNG
+    rating: float
+    modality: str
+    level: int
+    prompt: str
+    source: str
+
+
+@dataclass
 class NewCandidate:
     """A candidate as the sampler hands it over: its bytes go to blobs, the rows keep their digests."""
 
@@ -228,6 +234,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -265,8 +272,11 @@ class Store:
     # Groups ---------------------------------------------------------------------------------------
 
     def add_group(self, prompt: str, version: str, seeds: list, settings: dict,
-                  candidates: list[NewCandidate], wanted_rankings: int = 1) -> str:
-        """Store a generated group and its candidates' blobs; returns the new group's id."""
+                  candidates: list[NewCandidate], wanted_rankings: int = 1, ai: dict | None = None) -> str:
+        """Store a generated group and its candidates' blobs; returns the new group's id.
+
+        ``ai``: the reward model's ranking (scores, agreement, model) of a group drawn for an amplified
+        update; such a group's source is "ai" and no expert is asked to rank it."""
         if wanted_rankings < 1:
             raise StoreError(f"wanted_rankings must be at least 1, not {wanted_rankings}")
         group_id = uuid.uuid4().hex[:12]
@@ -279,12 +289,18 @@ class Store:
         ]
         with self._session.begin() as s:
             s.add(Group(id=group_id, prompt=prompt, version=version, seeds=list(seeds), settings=dict(settings),
-                        wanted_rankings=wanted_rankings, candidates=rows))
+                        wanted_rankings=wanted_rankings, candidates=rows, source=HUMAN if ai is None else AI, ai=ai))
         return group_id
+
+    def ai_groups(self) -> list[dict]:
+        """Groups the reward model ranked for amplified updates, oldest first, with its scores (``ai``)."""
+        with self._session() as s:
+            groups = s.scalars(select(Group).where(Group.source == AI).order_by(Group.created_at, Group.id)).all()
+            return [_group_dict(g) for g in groups]
 
     def group_count(self) -> int:
         with self._session() as s:
-            return s.scalar(select(func.count()).select_from(Group))
+            return s.scalar(select(func.count()).select_from(Group).where(Group.source == HUMAN))
 
     def get_group(self, group_id: str) -> dict:
         with self._session() as s:
@@ -298,7 +314,8 @@ class Store:
         with self._session() as s:
             answered = select(Ranking.group_id).join(Expert).where(Expert.name == expert)  # none for a newcomer
             group = s.scalars(
-                select(Group).where(Group.ranked_by < Group.wanted_rankings, Group.id.not_in(answered))
+                select(Group).where(Group.source == HUMAN, Group.ranked_by < Group.wanted_rankings,
+                                    Group.id.not_in(answered))
                 .order_by(Group.created_at, Group.id).limit(1)
             ).first()
             return None if group is None else _group_dict(group)
@@ -308,7 +325,8 @@ class Store:
         with self._session() as s:
             used = select(UpdateGroup.group_id).join(Update).where(Update.applied.is_(True))
             groups = s.scalars(
-                select(Group).where(Group.ranked_by >= Group.wanted_rankings, Group.id.not_in(used))
+                select(Group).where(Group.source == HUMAN, Group.ranked_by >= Group.wanted_rankings,
+                                    Group.id.not_in(used))
                 .order_by(Group.created_at, Group.id)
             ).all()
             return [_group_dict(g) for g in groups]
@@ -482,7 +500,9 @@ class Store:
         """Groups per status and per modality (read from the prompt's prefix), rankings and skips per
         expert, and imported ratings per modality."""
         with self._session() as s:
-            groups = s.execute(select(Group.prompt, Group.ranked_by >= Group.wanted_rankings)).all()
+            groups = s.execute(select(Group.prompt, Group.ranked_by >= Group.wanted_rankings)
+                               .where(Group.source == HUMAN)).all()
+            ai_groups = s.scalar(select(func.count()).select_from(Group).where(Group.source == AI))
             imported = s.execute(select(ImportedRating.modality, func.count()).group_by(ImportedRating.modality)).all()
             answers = s.execute(
                 select(Expert.name, Ranking.skipped, func.count()).join(Ranking).group_by(Expert.name, Ranking.skipped)
@@ -492,7 +512,7 @@ class Store:
         for name, skipped, n in answers:
             experts.setdefault(name, {"rankings": 0, "skipped": 0})["skipped" if skipped else "rankings"] += n
         ranked = sum(1 for _, done in groups if done)
-        return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked,
+        return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked, "ai_groups": ai_groups,
                 "per_modality": dict(modalities), "per_expert": experts, "imported_per_modality": dict(imported)}
 
     def version_summary(self) -> dict[str, dict]:
@@ -534,6 +554,16 @@ class Store:
         if expert is None:
             raise StoreError(f"unknown expert {name!r} (add_expert first)")
         return expert
+
+
+def _add_missing_columns(engine) -> None:
+    """Columns added since a store was created (create_all makes new tables, never new columns)."""
+    present = {c["name"] for c in inspect(engine).get_columns("groups")}
+    added = {"source": f"VARCHAR(8) NOT NULL DEFAULT '{HUMAN}'", "ai": "JSON"}
+    with engine.begin() as connection:
+        for name, kind in added.items():
+            if name not in present:
+                connection.execute(text(f"ALTER TABLE groups ADD COLUMN {name} {kind}"))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -159,10 +159,13 @@ def kl_between(before: Kernels, after: Kernels) -> float:
 
 
 def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup], config: UpdateConfig = UpdateConfig(),
-                 on_step=None) -> UpdateResult:
+                 on_step=None, accept=None, extra_metrics: dict | None = None) -> UpdateResult:
     """Train the adapters on ``groups`` and save a new version, or refuse and keep the current one.
 
-    ``on_step(done, total)`` is told after each optimizer step (the page's progress bar).
+    ``on_step(done, total)`` is told after each optimizer step (the page's progress bar). ``accept()``,
+    when given, is asked about the trained weights before they are saved: a string it returns is the
+    reason to refuse them (the control room checks the selector's pass rate). ``extra_metrics`` join
+    the version's metrics.
     """
     if config.algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {config.algorithm!r}")
@@ -217,15 +220,20 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
             policy.load_lora_state_dict(last_good)
             history = history[:taken]
         kl = kl_good
+        reason = accept() if accept is not None else None
+        if reason:
+            raise UpdateRefused(reason)
     except UpdateRefused as refusal:
         policy.load_lora_state_dict(previous)
         kept = policy.version or "the base model"
-        return UpdateResult(False, None, {"steps": history, "seed": seed}, f"update refused: {refusal}; {kept} stays current")
+        return UpdateResult(False, None, {**(extra_metrics or {}), "steps": history, "seed": seed},
+                            f"update refused: {refusal}; {kept} stays current")
     except BaseException:  # out of memory, interrupted ...: the weights go back before the error goes on
         policy.load_lora_state_dict(previous)
         raise
     sources = [g.source for g in groups]
     summary = {
+        **(extra_metrics or {}),
         "algorithm": config.algorithm,
         "groups": [g.id for g in groups],
         "human_groups": sources.count("human"),

@@ -41,6 +41,7 @@ from workbench.verification import BlindPair
 
 GPU = "gpu"  # the one concurrency group for model work
 MAX_PROMPT_CHARS = 300
+MAX_AI_GROUPS = 200  # AI-ranked groups one update may add
 EXPORT_FILES = {"pickapic": "preferences-pickapic.parquet", "trl": "preferences-trl.parquet",
                 "groups": "ranking-groups.parquet", "ratings_csv": "ratings.zip", "ab": "ab-judgements.parquet"}
 OUTBOX_HOURS = 6  # files handed to browsers and clients are kept this long
@@ -138,12 +139,18 @@ class RoomAPI:
         return [r | {"per_expert": {n: t for n, t in r["per_expert"].items() if n == caller.name}} for r in results]
 
     def apply_update(self, caller: Caller, algorithm: str = "grpo", group_ids: list[str] | None = None,
-                     settings: dict | None = None):
+                     settings: dict | None = None, on_progress=None):
+        """``settings`` may hold ``ai_groups``: how many groups the reward model ranks for this update."""
         self.require_admin(caller, "apply an update")
         if algorithm not in ("grpo", "dpo"):
             raise ValueError(f"algorithm must be 'grpo' or 'dpo', not {algorithm!r}")
+        settings = dict(settings or {})
+        ai_groups = settings.pop("ai_groups", None)
+        if ai_groups is not None and not (float(ai_groups).is_integer() and 0 <= ai_groups <= MAX_AI_GROUPS):
+            raise ValueError(f"ai_groups must be a whole number from 0 to {MAX_AI_GROUPS}, not {ai_groups!r}")
         return self.room.apply_update(algorithm, who=caller.name or "local", group_ids=group_ids or None,
-                                      config=update_config(self.room.config.update, settings or {}))
+                                      config=update_config(self.room.config.update, settings),
+                                      ai_groups=None if ai_groups is None else int(ai_groups), on_progress=on_progress)
 
     def rollback(self, caller: Caller, version_id: str) -> dict:
         self.require_admin(caller, "roll back the model")
@@ -218,7 +225,7 @@ def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
     nested = {"clip_range": ("grpo", float), "kl_weight": ("grpo", float), "beta": ("dpo", float)}
     unknown = sorted(set(settings) - set(top) - set(nested))
     if unknown:
-        raise ValueError(f"unknown update settings {', '.join(unknown)}; known: {', '.join([*top, *nested])}")
+        raise ValueError(f"unknown update settings {', '.join(unknown)}; known: {', '.join([*top, *nested, 'ai_groups'])}")
     config = replace(base, **{k: top[k](v) for k, v in settings.items() if k in top})
     for name, (part, cast) in nested.items():
         if name in settings:

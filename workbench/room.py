@@ -39,18 +39,23 @@ from data.modalities import modality_of_prompt
 from data.ratings import read_ratings, unpack_ratings_archive
 from data.store import NewCandidate, NewImportedRating, Store, StoreError
 from optim.agreement import agreement
-from optim.groups import RankedGroup
+from optim.groups import AIRanking, RankedGroup
 from optim.losses import group_losses
 from optim.policy import Policy
+from optim.reward_model import RewardModel, RewardModelConfig, featurizer
 from optim.rewards import validate_ranking
 from optim.selector import Selector
 from optim.trajectory import Trajectory
 from optim.update import UpdateConfig, UpdateResult, apply_update
 from optim.verification import summarize
 from optim.versions import VersionStore
+from workbench.ai_feedback import AIGroup, AmplificationRefused, AmplifyConfig, draw_ai_groups, fit_reward_model
 from workbench.sampler import RejectionSampler, SamplerConfig
 from workbench.verification import BlindPair, draw_pair
 
+
+AI_RANKER = "reward-model"  # the "expert" of AI-ranked rows in an export with include_ai
+PROBE_SEED = 900_000  # the pass-rate check's fixed seeds
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ class RoomConfig:
     guidance: float = 5.0
     eta: float = 1.0
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
+    pass_rate_probe: int = 8  # candidates drawn on fixed seeds before and after an update (0: no check)
+    max_pass_rate_drop: float = 0.25  # a larger drop in the probe's selector pass rate refuses the update
 
 
 @dataclass
@@ -149,22 +157,54 @@ class ControlRoom:
             return group_losses(self.policy, self._ranked_group(group_id), self.config.update)
 
     def apply_update(self, algorithm: str = "grpo", who: str = "admin", group_ids: list[str] | None = None,
-                     config: UpdateConfig | None = None) -> UpdateResult:
+                     config: UpdateConfig | None = None, ai_groups: int | None = None, prompts: list[str] | None = None,
+                     on_progress: Callable[[float, str], None] | None = None) -> UpdateResult:
         """Train on the given groups, or on every ranked group no update has used yet; a new version or a refusal.
 
         ``config`` replaces the room's update settings for this update only (the page's learning rate, steps...).
+        The reward model is refitted on every stored ranking first (its held-out accuracy goes into the
+        metrics, and it is saved beside the new version); ``ai_groups`` (default: the room's setting) adds that
+        many groups it ranks, drawn for the ranked prompts and ``prompts`` (``workbench.ai_feedback``).
+        ``on_progress(fraction, what)`` reports each stage (the page's progress bar).
         """
         ids = group_ids if group_ids is not None else [g["id"] for g in self.store.unused_ranked_groups()]
         if not ids:
             raise ValueError("no ranked groups to learn from yet: rank a group first")
         groups = [self._ranked_group(g) for g in ids]
+        config = replace(config or self.config.update, algorithm=algorithm)
+        amplify = replace(self.config.amplify, ai_groups=self.config.amplify.ai_groups if ai_groups is None else ai_groups)
+        progress = on_progress or (lambda fraction, what: None)
         with self.model_lock:
-            result = apply_update(self.policy, self.version_store, groups, replace(config or self.config.update, algorithm=algorithm))
+            progress(0.0, "fitting the reward model on the experts' rankings")
+            reward_model = fit_reward_model(self.store, self._features(amplify.reward_model), amplify)
+            extra = {"reward_model": reward_model.metrics if reward_model else None, "ai_groups_skipped": 0,
+                     "who": who}  # in the version's meta.json: a kill before record_update is put right at start-up
+            try:
+                if amplify.ai_groups:
+                    if reward_model is None:
+                        raise AmplificationRefused(f"the reward model needs at least {amplify.min_ranked_groups} ranked "
+                                                   "groups before it can rank AI groups")
+                    ranked_prompts = list(dict.fromkeys([g.trajectory.prompt for g in groups] + (prompts or [])))
+                    drawn, extra["ai_groups_skipped"] = draw_ai_groups(
+                        self.sampler, reward_model, ranked_prompts, amplify, self._sampling(),
+                        lambda done, total: progress(0.05 + 0.35 * done / total, f"AI-ranked group {done} of {total}"))
+                    groups += [self._store_ai_group(d, reward_model, amplify.ai_weight) for d in drawn]
+            except AmplificationRefused as refusal:
+                result = UpdateResult(False, None, extra, f"update refused: {refusal}; {self.policy.version} stays current")
+            else:
+                accept = self._pass_rate_check(groups)
+                result = apply_update(self.policy, self.version_store, groups, config, extra_metrics=extra, accept=accept,
+                                      on_step=lambda done, total: progress(0.4 + 0.55 * done / total,
+                                                                           f"optimizer step {done} of {total}"))
+            if result.applied and reward_model is not None:
+                reward_model.save(self.workdir / "reward_models" / result.version.id, reward_model.seen)
         if result.applied:
             v = result.version
             self.store.record_version(v.id, v.parent, v.algorithm, v.metrics)
-        self.store.record_update(who, algorithm, ids, result.applied, result.version.id if result.applied else None,
+        used = [g.id for g in groups]
+        self.store.record_update(who, algorithm, used, result.applied, result.version.id if result.applied else None,
                                  result.message, result.metrics)
+        progress(1.0, result.message)
         return result
 
     def sample(self, prompt: str, n: int = 4, seed: int = 0, version: str | None = None) -> list[Image.Image]:
@@ -195,11 +235,12 @@ class ControlRoom:
             self.version_store.set_current(version_id)
         return next(v for v in self.versions() if v["id"] == version_id)
 
-    def export(self, kind: str, path: str | Path, dicom: bool = False) -> Path:
+    def export(self, kind: str, path: str | Path, dicom: bool = False, include_ai: bool = False) -> Path:
         """Every ranked group as a preference dataset (``data.export`` kinds), or every blind A/B
         judgement (kind ``ab``), experts pseudonymised; ``dicom`` adds de-identified DICOM copies to
-        the ratings_csv zip."""
-        records = self._ab_records() if kind == "ab" else self._records()
+        the ratings_csv zip. Groups the reward model ranked join only with ``include_ai``, as rows
+        whose ``source`` is "ai": never mistaken for human preferences."""
+        records = self._ab_records() if kind == "ab" else self._records() + (self._ai_records() if include_ai else [])
         return export(kind, records, path, secret=self._secret(), dicom=dicom)
 
     # ------------------------------------------------------------------ blind A/B verification
@@ -308,6 +349,52 @@ class ControlRoom:
             except StoreError:
                 self.store.set_expert(expert, level=level or 1)
 
+    def _sampling(self) -> dict:
+        c = self.config
+        return {"steps": c.steps, "guidance": c.guidance, "eta": c.eta}
+
+    def _features(self, config: RewardModelConfig):
+        """The reward model's featurizer over this room's generator and selector."""
+        return featurizer(config.features, policy=self.policy, selector=self.sampler.selector)
+
+    def _store_ai_group(self, drawn: AIGroup, reward_model: RewardModel, weight: float) -> RankedGroup:
+        """Store a group the reward model ranked (source "ai", its scores kept) and return it for training."""
+        result = drawn.draw
+        ai = {"scores": drawn.scores, "agreement": drawn.agreement, "reward_model": reward_model.metrics, "weight": weight}
+        candidates = [NewCandidate(_png(k.image), True, k.seed, k.verdict.quality, k.verdict.modality_probabilities, [],
+                                   result.trajectory.select([i]).to_bytes()) for i, k in enumerate(result.survivors)]
+        group_id = self.store.add_group(result.prompt, self.policy.version, [k.seed for k in result.survivors],
+                                        {**self._sampling(), "seed": drawn.seed}, candidates, ai=ai)
+        ids = [c["id"] for c in self.store.get_group(group_id)["candidates"]]
+        return RankedGroup(group_id, ids, result.trajectory, ai=AIRanking(drawn.scores, drawn.agreement, weight))
+
+    def _pass_rate_check(self, groups: list[RankedGroup]):
+        """A check for ``apply_update``: the selector's pass rate on fixed seeds may not drop by more than
+        ``max_pass_rate_drop`` from the current weights to the trained ones (a reward-hacking guard)."""
+        count = self.config.pass_rate_probe
+        if not count:
+            return None
+        prompts = list(dict.fromkeys(g.trajectory.prompt for g in groups))[:2]
+        per_prompt = -(-count // len(prompts))
+
+        def pass_rate() -> float:
+            passed = []
+            for k, prompt in enumerate(prompts):
+                images = self.policy.sample(prompt, n=per_prompt, seed=PROBE_SEED + k, **self._sampling()).images
+                passed += [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
+            return sum(passed) / len(passed)
+
+        before = pass_rate()
+
+        def accept() -> str | None:
+            after = pass_rate()
+            if before - after > self.config.max_pass_rate_drop:
+                return (f"the selector's pass rate on fixed seeds fell from {before:.0%} to {after:.0%} (more than "
+                        f"{self.config.max_pass_rate_drop:.0%} down): the update would spoil the images")
+            return None
+
+        return accept
+
     def _wanted_rankings(self) -> int:
         share, made = self.overlap, self.store.group_count()
         return 2 if math.floor((made + 1) * share) > math.floor(made * share) else 1
@@ -350,6 +437,19 @@ class ControlRoom:
                 candidate, row["prompt"], [CandidateRecord(candidate, self.store.blobs.get(row["image"]), "imported")], [],
                 row["modality"], (RatingRecord(candidate, row["imported_by"], row["level"], _number(row["rating"])),)))
         return sorted(records, key=lambda record: record.group_id)
+
+    def _ai_records(self) -> list[RankedGroupRecord]:
+        """The reward model's groups as rankings by "reward-model" (level 0, source "ai"), tiers by its scores."""
+        records = []
+        for group in self.store.ai_groups():
+            ids, scores = group["survivors"], group["ai"]["scores"]
+            tiers = [[c] for _, c in sorted(zip(scores, ids), key=lambda pair: -pair[0])]
+            records.append(RankedGroupRecord(
+                group["id"], group["prompt"],
+                [CandidateRecord(c["id"], self.store.blobs.get(c["image"]), group["version"]) for c in group["candidates"]],
+                [RankingRecord(f"ai-{group['id']}", AI_RANKER, 0, tiers, _when(group["created_at"]), source="ai")],
+                modality_of_prompt(group["prompt"])))
+        return records
 
     def _ab_records(self) -> list[ABJudgementRecord]:
         return [ABJudgementRecord(str(j["id"]), j["expert"], j["level"], j["prompt"], j["seed"], j["version_a"],

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 from data.phantoms import all_prompts  # noqa: E402
 from workbench.api import (  # noqa: E402
-    EXPORT_FILES, GPU, MAX_PROMPT_CHARS, OUTBOX_HOURS, RoomAPI, app_options, clear_errors, login_function,
+    EXPORT_FILES, GPU, MAX_AI_GROUPS, MAX_PROMPT_CHARS, OUTBOX_HOURS, RoomAPI, app_options, clear_errors, login_function,
     register_api)
 from workbench.room import RoomGroup  # noqa: E402
 
@@ -133,6 +133,10 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                     steps = gr.Number(value=room.config.update.optimizer_steps, precision=0, label="Optimizer steps")
                     clip = gr.Number(value=room.config.update.grpo.clip_range, label="GRPO clip range")
                     beta = gr.Number(value=room.config.update.dpo.beta, label="DPO beta")
+                    ai_groups = gr.Number(value=room.config.amplify.ai_groups, precision=0, minimum=0,
+                                          maximum=MAX_AI_GROUPS, label="AI-ranked groups to add",
+                                          info="drawn for the ranked prompts and ranked by the reward model "
+                                               "learned from the experts; 0 trains on human rankings only")
                 update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
                 update_status = gr.Markdown()
             with gr.Row():
@@ -303,14 +307,21 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             return text, grpo, dpo
 
         @clear_errors
-        def on_update(algo, lr, n_steps, clip_range, beta_value, name_value, level_value, request: gr.Request,
-                      progress=gr.Progress()):
+        def on_update(algo, lr, n_steps, clip_range, beta_value, ai_count, name_value, level_value,
+                      request: gr.Request, progress=gr.Progress()):
             who_ = caller(request, name_value, level_value)
-            progress(None, desc="applying the update")
+            progress(0.0, desc="applying the update")
             result = api.apply_update(who_, algo, None, {"learning_rate": lr, "optimizer_steps": n_steps,
-                                                         "clip_range": clip_range, "beta": beta_value})
-            return (f"**{result.version.id}** is now current: {result.message}" if result.applied
-                    else f"**Refused.** {result.message}")
+                                                         "clip_range": clip_range, "beta": beta_value,
+                                                         "ai_groups": ai_count},
+                                      on_progress=lambda fraction, what: progress(fraction, desc=what))
+            model = result.metrics.get("reward_model") or {}
+            accuracy = model.get("heldout_accuracy")
+            judged = ("" if accuracy is None else
+                      f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs "
+                      f"({model['heldout_groups']} groups the fit did not see) ordered as the experts did.")
+            return (f"**{result.version.id}** is now current: {result.message}{judged}" if result.applied
+                    else f"**Refused.** {result.message}{judged}")
 
         def plots():
             rows = room.history()
@@ -453,7 +464,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
         submitted.success(counts_view, None, [counts_text], **quick)
         skip_button.click(on_skip, [ranking, *me], [ranking, status], **quick)
         losses_button.click(on_losses, [ranking, *me], [optimize_status, grpo_table, dpo_table], **gpu)
-        updated = update_button.click(on_update, [algorithm, learning_rate, steps, clip, beta, *me], [update_status], **gpu)
+        updated = update_button.click(on_update, [algorithm, learning_rate, steps, clip, beta, ai_groups, *me], [update_status], **gpu)
         updated.then(plots, None, [loss_plot, reward_plot, kl_plot], **quick)
         updated.then(models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
         compare_button.click(on_compare, [version_a, version_b, compare_prompt, compare_seed, *me],

@@ -1,30 +1,38 @@
-"""Proof that rankings move the generator: rounds of generate, rank, update with a simulated expert.
+"""Proof that rankings move the generator, measured as an expert would see it: how far the images move.
 
-The simulated expert prefers CONTRAST: its score of an image is the standard deviation of its grey
-levels (on the 0-1 scale), and it ranks a group by that score, best first, tying candidates whose
-scores differ by less than 0.002. A radiologist asking for "more contrast" is a common and plain
-preference, and the score is computed from the image alone, so the expert knows nothing of seeds,
-versions or log-probs.
+A simulated expert (``data.simulated_experts``: contrast or brightness) ranks every group, through
+the control room exactly as a person would (``ControlRoom.generate`` -> ``rank`` -> ``apply_update``).
+For each expert and algorithm, starting from the embedded default model each time:
 
-For GRPO and for DPO separately, starting from the embedded default model each time:
-  - ``--groups`` rounds: the rejection sampler draws a group of 4 survivors for the next prompt,
-    the expert ranks it, and every ``--groups-per-update`` groups an update runs on the new groups
-    with the library's default settings (``UpdateConfig``);
-  - on fixed evaluation seeds (``--eval`` samples over the prompts), the base and the final version
-    draw seed-matched images: reported are the expert's mean score of each, the win-rate of the
-    final version (ties count half), the KL of the final version's step kernels from the base's,
-    the selector's pass rate of each, and the wall time per update.
-Bar (issue 4): within 30 groups of 4, win-rate at least 70% and pass rate down at most 10 points.
+  - ``--groups`` rounds: the room draws a group of 4 survivors for the next prompt, the expert ranks
+    it (level 3), and every ``--groups-per-update`` groups an update runs on the new groups with the
+    room's default settings, adding ``--ai-groups`` groups ranked by the reward model (amplification);
+  - on fixed evaluation seeds (``--eval`` samples, 4 per prompt), the base model and the final version
+    draw seed-matched images. Reported:
+      * the expert's mean score, base -> final;
+      * the EFFECT SIZE: the mean change of the score divided by the base samples' standard deviation
+        (over all evaluation samples), and the same divided by the pooled within-prompt standard
+        deviation (the spread an expert sees among the candidates of one prompt);
+      * the win-rate of the final version over the base (seed-matched; ties count half);
+      * the selector's pass rate, base -> final; a diversity figure (mean pairwise RMS grey-level
+        distance between the samples of one prompt), base -> final;
+      * the KL of the final step kernels from the base's, the reward model's held-out pairwise
+        accuracy at the last update, and the wall time per update.
+Targets (issue 10): effect size >= 1.0 with amplification and >= 0.5 without, win-rate >= 90%, pass
+rate down at most 5 points, diversity down at most 20%, reward model accuracy >= 80%, an update
+(reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
-    python tests/benchmarks/bench_learning.py [--algorithms grpo dpo] [--groups 30] [--eval 32]
+    python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
+        [--ai-groups 0 24] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 ...]
 """
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,116 +41,118 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data.phantoms import all_prompts  # noqa: E402
+from data.simulated_experts import EXPERTS, grey_levels  # noqa: E402
 from optim.groups import RankedGroup  # noqa: E402
-from optim.policy import Policy  # noqa: E402
-from optim.selector import Selector  # noqa: E402
-from optim.update import UpdateConfig, apply_update, kl_between, step_kernels  # noqa: E402
-from optim.versions import VersionStore  # noqa: E402
-from workbench.sampler import RejectionSampler, SamplerConfig  # noqa: E402
+from optim.update import kl_between, step_kernels  # noqa: E402
+from workbench.room import ControlRoom  # noqa: E402
 
-TIE = 0.002
+EVAL_SEED = 10_000
 
 
-def expert_score(image) -> float:
-    """The simulated expert's preference: contrast, the std of grey levels on the 0-1 scale."""
-    return float(np.asarray(image.convert("L"), dtype=np.float32).std() / 255.0)
-
-
-def expert_ranking(ids: list[str], images: list) -> list[list[str]]:
-    """Tiers best first; candidates within TIE of the previous one's score share its tier."""
-    order = sorted(zip(ids, map(expert_score, images)), key=lambda pair: -pair[1])
-    tiers = [[order[0][0]]]
-    last = order[0][1]
-    for candidate, score in order[1:]:
-        if last - score < TIE:
-            tiers[-1].append(candidate)
-        else:
-            tiers.append([candidate])
-        last = score
-    return tiers
-
-
-def evaluate(policy: Policy, selector: Selector, prompts: list[str], count: int, steps: int):
-    """Expert scores, images' selector verdicts and chains on fixed seeds: ``count`` samples."""
-    scores, passed, trajectories = [], [], []
+def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
+    """Scores, selector verdicts, grey images and chains of ``count`` samples on fixed seeds, 4 per prompt."""
+    policy, c = room.policy, room.config
+    scores, passed, greys, chains = [], [], [], []
     for k in range(count // 4):
         prompt = prompts[k % len(prompts)]
-        samples = policy.sample(prompt, n=4, seed=10_000 + k, steps=steps)
-        scores += [expert_score(image) for image in samples.images]
-        passed += [v.passed for v in selector.judge(samples.images, prompt=prompt)]
-        trajectories.append(samples.trajectory)
-    return np.array(scores), np.array(passed), trajectories
+        samples = policy.sample(prompt, n=4, seed=EVAL_SEED + k, steps=c.steps, guidance=c.guidance, eta=c.eta)
+        scores.append([expert.score(image) for image in samples.images])
+        passed += [v.passed for v in room.sampler.selector.judge(samples.images, prompt=prompt)]
+        greys.append([grey_levels(image) for image in samples.images])
+        chains.append(samples.trajectory)
+    return np.array(scores), np.array(passed), greys, chains
 
 
-def run(algorithm: str, args, prompts: list[str]) -> dict:
-    policy, selector = Policy.load(), Selector.load()
-    store = VersionStore(Path(tempfile.mkdtemp()) / "versions")
-    policy.open_versions(store)
-    config = UpdateConfig(algorithm=algorithm)
-    if args.learning_rate is not None:  # to try other settings; the defaults are UpdateConfig's
-        config.learning_rate = args.learning_rate
-    base_scores, base_passed, eval_chains = evaluate(policy, selector, prompts, args.eval, args.steps)
+def diversity(greys: list[list[np.ndarray]]) -> float:
+    """Mean pairwise RMS distance between the grey images drawn for one prompt, over the prompts."""
+    return float(np.mean([np.sqrt(np.mean((a - b) ** 2)) for group in greys for a, b in itertools.combinations(group, 2)]))
+
+
+def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
+    expert = EXPERTS[expert_name]
+    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"))
+    config = room.config.update
+    for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
+        part, _, name = key.rpartition(".")
+        config = replace(config, **{name: value}) if not part else \
+            replace(config, **{part: replace(getattr(config, part), **{name: value})})
+    base_scores, base_passed, base_greys, eval_chains = evaluate(room, expert, prompts, args.eval)
     eval_groups = [RankedGroup(f"eval{k}", [str(i) for i in range(4)], t) for k, t in enumerate(eval_chains)]
-    base_kernels = step_kernels(policy, eval_groups)
-    sampler = RejectionSampler(policy, selector, SamplerConfig(survivors=4, batch_size=4, max_draws=12))
-    pending, update_times, messages = [], [], []
+    base_kernels = step_kernels(room.policy, eval_groups)
+    update_times, metrics = [], {}
     for g in range(args.groups):
-        prompt = prompts[g % len(prompts)]
-        result = sampler.draw(prompt, seed=g, steps=args.steps)
-        if len(result.survivors) < 2:
-            continue
-        ids = [f"c{c.index}" for c in result.survivors]
-        tiers = expert_ranking(ids, [c.image for c in result.survivors])
-        pending.append(RankedGroup(f"g{g}", ids, result.trajectory, [(tiers, 3)]))
-        if len(pending) == args.groups_per_update or g == args.groups - 1:
+        group = room.generate(prompts[g % len(prompts)], seed=g)
+        if len(group.survivors) >= 2:
+            tiers = expert.rank([c.id for c in group.survivors], [c.image for c in group.survivors])
+            room.rank(group.id, tiers, expert="simulated", level=3)
+        if (g + 1) % args.groups_per_update == 0 or g == args.groups - 1:
             started = time.perf_counter()
-            update = apply_update(policy, store, pending, config)
+            update = room.apply_update(algorithm, config=config, ai_groups=ai_groups)
             update_times.append(time.perf_counter() - started)
-            messages.append(update.message)
-            print(f"  [{algorithm}] after group {g + 1}: {update.message}", flush=True)
-            pending = []
-    scores, passed, _ = evaluate(policy, selector, prompts, args.eval, args.steps)
-    wins = np.mean((scores > base_scores) + 0.5 * (scores == base_scores))
+            metrics = update.metrics if update.applied else metrics
+            print(f"  [{expert_name} {algorithm} ai={ai_groups}] after group {g + 1}: {update.message} "
+                  f"({update_times[-1]:.0f} s)", flush=True)
+    scores, passed, greys, _ = evaluate(room, expert, prompts, args.eval)
+    change = scores - base_scores
+    within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))
     return {
+        "expert": expert_name,
         "algorithm": algorithm,
+        "ai_groups_per_update": ai_groups,
         "groups": args.groups,
         "updates": len(update_times),
-        "final_version": policy.version,
-        "expert_score_base": float(base_scores.mean()),
-        "expert_score_final": float(scores.mean()),
-        "win_rate": float(wins),
-        "kl_final_from_base": kl_between(base_kernels, step_kernels(policy, eval_groups)),
+        "final_version": room.policy.version,
+        "score_base": float(base_scores.mean()),
+        "score_final": float(scores.mean()),
+        "effect_size": float(change.mean() / base_scores.std(ddof=1)),
+        "effect_size_within_prompt": float(change.mean() / within_std),
+        "win_rate": float(np.mean((change > 0) + 0.5 * (change == 0))),
         "pass_rate_base": float(base_passed.mean()),
         "pass_rate_final": float(passed.mean()),
+        "diversity_base": diversity(base_greys),
+        "diversity_final": diversity(greys),
+        "kl_final_from_base": kl_between(base_kernels, step_kernels(room.policy, eval_groups)),
+        "reward_model_accuracy": metrics.get("reward_model", {}).get("heldout_accuracy"),
         "seconds_per_update": float(np.mean(update_times)),
-        "config": asdict(config),
+        "settings": args.settings,
     }
+
+
+def setting(text: str) -> tuple[str, float]:
+    key, _, value = text.partition("=")
+    return key, (int(value) if value.isdigit() else float(value))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "dpo"])
+    parser.add_argument("--ai-groups", nargs="+", type=int, default=[0, 24], help="AI-ranked groups per update")
     parser.add_argument("--groups", type=int, default=30)
     parser.add_argument("--groups-per-update", type=int, default=5)
-    parser.add_argument("--eval", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=None, help="override UpdateConfig's default")
+    parser.add_argument("--eval", type=int, default=64)
+    parser.add_argument("--set", nargs="*", default=[], type=setting, dest="settings",
+                        help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2 (default: the room's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    args.settings = dict(args.settings)
     torch.manual_seed(0)
     prompts = all_prompts()
     results = []
-    for algorithm in args.algorithms:
+    for expert, algorithm, ai_groups in itertools.product(args.experts, args.algorithms, args.ai_groups):
         started = time.perf_counter()
-        result = run(algorithm, args, prompts)
-        result["wall_time_s"] = time.perf_counter() - started
-        results.append(result)
-        print(f"{algorithm}: expert score {result['expert_score_base']:.4f} -> {result['expert_score_final']:.4f}, "
-              f"win-rate {result['win_rate']:.0%} (bar 70%), KL from base {result['kl_final_from_base']:.4g}, "
-              f"pass rate {result['pass_rate_base']:.0%} -> {result['pass_rate_final']:.0%} (bar: at most 10 points down), "
-              f"{result['seconds_per_update']:.1f} s per update, {result['wall_time_s']:.0f} s in all", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        r = run(expert, algorithm, ai_groups, args, prompts)
+        r["wall_time_s"] = time.perf_counter() - started
+        results.append(r)
+        accuracy = "-" if r["reward_model_accuracy"] is None else f"{r['reward_model_accuracy']:.0%}"
+        print(f"{expert} {algorithm} ai={ai_groups}: score {r['score_base']:.4f} -> {r['score_final']:.4f}, "
+              f"effect size {r['effect_size']:+.2f} (within prompt {r['effect_size_within_prompt']:+.2f}), "
+              f"win-rate {r['win_rate']:.0%}, pass rate {r['pass_rate_base']:.0%} -> {r['pass_rate_final']:.0%}, "
+              f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
+              f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
+              flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +40,7 @@ from data.blobs import BlobStore
 from data.modalities import modality_of_prompt
 
 ROLES = ("expert", "admin")
+POOL_SIZE = 20  # database connections kept open: the experts who may submit at the same instant
 LEVELS = (1, 2, 3)
 RATINGS = (1, 2, 3)
 HUMAN, AI = "human", "ai"  # a group's source
@@ -230,7 +234,13 @@ class Store:
     def __init__(self, workdir: str | Path, url: str | None = None):
         self.workdir = Path(workdir)
         self.blobs = BlobStore(self.workdir / "blobs")
-        self.engine = create_engine(url or f"sqlite:///{self.workdir / 'workbench.db'}")
+        # As many pooled connections as request threads that may query at once: past the pool's size,
+        # each request would open and close its own (PostgreSQL starts a server process per connection).
+        self.engine = create_engine(url or f"sqlite:///{self.workdir / 'workbench.db'}", pool_size=POOL_SIZE,
+                                    max_overflow=POOL_SIZE)
+        # SQLite takes one writer at a time and makes the others poll in sleeps of up to 100 ms; writers
+        # of this process queue on a lock instead (other processes still meet the busy timeout).
+        self._one_writer = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
@@ -334,34 +344,35 @@ class Store:
     # Rankings -------------------------------------------------------------------------------------
 
     def add_ranking(self, group_id: str, expert: str, tiers: list | None, level: int | None = None,
-                    ratings: dict | None = None, skipped: bool = False, seconds: float | None = None) -> dict:
+                    ratings: dict | None = None, skipped: bool = False, seconds: float | None = None,
+                    check_tiers: Callable[[list[str]], list] | None = None) -> dict:
         """Store one expert's ranking of a group (tiers best first), or their skip.
 
         The tiers must hold each of the group's surviving candidates exactly once; ratings (1-3)
-        may cover any of them. ``level`` defaults to the expert's level now.
+        may cover any of them. ``level`` defaults to the expert's level now. ``check_tiers(survivors)``,
+        when given, first checks the tiers against the survivors' ids and returns them as they are to
+        be stored (the control room's ranking rules and messages).
+
+        One transaction of two reads and the insert: every expert's submission takes this path, and
+        on PostgreSQL each statement, BEGIN and COMMIT is a round trip to a server process that waits
+        for a CPU while an update keeps both busy. (pysqlite begins SQLite's transaction at the
+        insert, so SQLite's write lock is still held for one statement.)
         """
-        # Checked in a read first, then the insert alone in its own transaction: the write lock,
-        # which every expert's submission queues for, is held for one statement.
-        with self._session() as s:
-            candidates, who = self._candidates(s, group_id), self._expert(s, expert)
-            _check_answer(group_id, candidates, list(tiers or []), ratings, skipped)
-            expert_id, level = who.id, who.level if level is None else level
-        if level not in LEVELS:
-            raise StoreError(f"level must be one of {LEVELS}, not {level!r}")
         try:
-            with self._session.begin() as s:
-                row = Ranking(group_id=group_id, expert_id=expert_id, level=level, tiers=list(tiers or []),
+            with self._one_writer, self._session.begin() as s:
+                candidates, who = self._candidates(s, group_id), self._expert(s, expert)
+                if check_tiers is not None and not skipped:
+                    tiers = check_tiers([c.id for c in candidates if c.passed])
+                _check_answer(group_id, candidates, list(tiers or []), ratings, skipped)
+                level = who.level if level is None else level
+                if level not in LEVELS:
+                    raise StoreError(f"level must be one of {LEVELS}, not {level!r}")
+                row = Ranking(group_id=group_id, expert_id=who.id, level=level, tiers=list(tiers or []),
                               ratings=ratings, skipped=skipped, seconds=seconds)
                 s.add(row)
         except IntegrityError:  # the unique (group, expert) constraint, also when two submissions race
             raise StoreError(f"expert {expert!r} has already ranked group {group_id}; a group takes one ranking per expert") from None
         return _row(row, expert=expert)
-
-    def survivors(self, group_id: str) -> list[str]:
-        """The ids of the group's candidates that passed the selector, in position order: what a ranking
-        ranks. One light query, for the ranking path (``get_group`` loads every column of every candidate)."""
-        with self._session() as s:
-            return [c.id for c in self._candidates(s, group_id) if c.passed]
 
     def rankings(self, group_id: str | None = None, expert: str | None = None) -> list[dict]:
         """Rankings, oldest first, of one group and/or one expert when given."""

@@ -145,11 +145,10 @@ class ControlRoom:
         ``level`` (1-3) weights the vote; by default the expert's level in the store. In local mode
         (``auto_register``) an unknown name is added at that level.
         """
-        if not skipped:
-            tiers = validate_ranking(tiers, self.store.survivors(group_id))
         self._register(expert, level)
         return self.store.add_ranking(group_id, expert, None if skipped else tiers, level=level, ratings=ratings,
-                                      skipped=skipped, seconds=seconds)
+                                      skipped=skipped, seconds=seconds,
+                                      check_tiers=lambda survivors: validate_ranking(tiers, survivors))
 
     def losses(self, group_id: str) -> dict:
         """GRPO and DPO numbers for a group under the current weights (ratio 1 while unchanged)."""

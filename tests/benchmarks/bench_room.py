@@ -8,13 +8,17 @@ HTTP with gradio_client:
   against a plain ``policy.sample`` of one batch in the same process (the ratio is the overhead of
   the selector, the store and HTTP);
 - ranking latency: ``--experts`` experts submitting at once, with the model idle and then while an
-  admin's update holds it; p50 and p95, and the ratio of the p95s.
+  admin's update holds it; p50 and p95, and the ratio of the p95s; once through Gradio's queue
+  (gradio_client's ``/rank``) and once through the plain route (``POST /room/rank``, the experts'
+  HTTP clients in a process of their own, ``tests/http_experts.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from workbench.api import RoomAPI  # noqa: E402
+from workbench.api import RANK_ROUTE, RoomAPI  # noqa: E402
 from workbench.auth import Users, hash_password  # noqa: E402
 from workbench.room import ControlRoom, RoomConfig  # noqa: E402
 from workbench.ui import serve  # noqa: E402
@@ -54,6 +58,34 @@ def rank_all(url: str, clients: dict[str, Client], groups: list) -> list[float]:
     for thread in threads:
         thread.join()
     return latencies
+
+
+def route_experts(url: str, names: list[str], groups: list) -> subprocess.Popen:
+    """The experts' HTTP clients in their own process, logged in and ready to post their rankings of ``groups``."""
+    experts = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "http_experts.py")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    rankings = {name: [{"group_id": g.id, "tiers": [[c.id] for c in g.survivors]} for g in groups] for name in names}
+    experts.stdin.write(json.dumps({"url": url, "password": PASSWORD, "route": RANK_ROUTE, "rankings": rankings}) + "\n")
+    experts.stdin.flush()
+    assert experts.stdout.readline().strip() == "ready"
+    return experts
+
+
+def rank_by_route(experts: subprocess.Popen) -> list[float]:
+    experts.stdin.write("go\n")
+    experts.stdin.flush()
+    outcome = json.loads(experts.stdout.readline())
+    experts.wait()
+    assert not outcome["errors"], outcome["errors"]
+    return outcome["latencies"]
+
+
+def report(label: str, idle: list[float], busy: list[float], still_running: bool) -> None:
+    p50_idle, p95_idle = np.percentile(idle, [50, 95])
+    p50_busy, p95_busy = np.percentile(busy, [50, 95])
+    print(f"{label}, model idle: p50 {p50_idle * 1000:.0f} ms, p95 {p95_idle * 1000:.0f} ms; during an update: "
+          f"p50 {p50_busy * 1000:.0f} ms, p95 {p95_busy * 1000:.0f} ms (update still running at the end: "
+          f"{still_running}); p95 ratio busy/idle {p95_busy / p95_idle:.2f}")
 
 
 def main() -> None:
@@ -86,25 +118,26 @@ def main() -> None:
           f"plain policy.sample of one batch: min {min(plain):.2f} s; ratio of minima {min(first_survivor) / min(plain):.2f}")
 
     clients = {name: Client(page.local_url, auth=(name, PASSWORD), verbose=False) for name in names}
-    idle_groups = [room.generate(PROMPT, seed=s) for s in (1, 2)]
-    idle = rank_all(page.local_url, clients, idle_groups)
+    idle = {"queue": rank_all(page.local_url, clients, [room.generate(PROMPT, seed=s) for s in (1, 2)])}
+    idle["route"] = rank_by_route(route_experts(page.local_url, names, [room.generate(PROMPT, seed=s) for s in (3, 4)]))
 
-    busy_groups = [room.generate(PROMPT, seed=s) for s in (3, 4)]
-    room.rank(idle_groups[0].id, [[c.id] for c in idle_groups[0].survivors], expert="admin")
-    updater = threading.Thread(target=admin.predict, kwargs=dict(algorithm="grpo", settings={"optimizer_steps": 8},
-                                                                 api_name="/apply_update"))
-    updater.start()
-    while not room.model_lock.locked():
-        time.sleep(0.01)
-    busy = rank_all(page.local_url, clients, busy_groups)
-    still_running = updater.is_alive()
-    updater.join()
+    busy, still_running = {}, {}
+    for path, seeds in (("queue", (5, 6)), ("route", (7, 8))):
+        groups = [room.generate(PROMPT, seed=s) for s in seeds]
+        experts = route_experts(page.local_url, names, groups) if path == "route" else None
+        room.rank(groups[0].id, [[c.id] for c in groups[0].survivors], expert="admin")  # something to learn from
+        updater = threading.Thread(target=admin.predict, kwargs=dict(algorithm="grpo", settings={"optimizer_steps": 8},
+                                                                     api_name="/apply_update"))
+        updater.start()
+        while not room.model_lock.locked():
+            time.sleep(0.01)
+        busy[path] = rank_by_route(experts) if experts else rank_all(page.local_url, clients, groups)
+        still_running[path] = updater.is_alive()
+        updater.join()
 
-    p50_idle, p95_idle = np.percentile(idle, [50, 95])
-    p50_busy, p95_busy = np.percentile(busy, [50, 95])
-    print(f"ranking, {args.experts} experts x 2 groups at once, model idle: p50 {p50_idle * 1000:.0f} ms, p95 {p95_idle * 1000:.0f} ms")
-    print(f"ranking, same, during an update: p50 {p50_busy * 1000:.0f} ms, p95 {p95_busy * 1000:.0f} ms "
-          f"(update still running when the last ranking returned: {still_running}); p95 ratio busy/idle {p95_busy / p95_idle:.2f}")
+    report(f"ranking through Gradio's queue (gradio_client /rank), {args.experts} experts x 2 groups at once",
+           idle["queue"], busy["queue"], still_running["queue"])
+    report(f"ranking through POST {RANK_ROUTE}, same", idle["route"], busy["route"], still_running["route"])
     page.close()
 
 

@@ -2,15 +2,17 @@
 
 ``RoomAPI`` wraps ``ControlRoom`` with the caller: with an accounts file (``--auth users.yaml``)
 the caller is the logged-in user, their role and level come from the file, and only admins apply
-updates, roll back, import data or change the overlap; without one (a laptop) the one local user
+updates, roll back, import or export data or change the overlap; without one (a laptop) the one local user
 is an admin and names themselves. ``register_api`` publishes the ARCHITECTURE verbs as Gradio API
 endpoints (``/generate``, ``/rank``, ``/losses``, ``/apply_update``, ``/sample``, ``/versions``,
 ``/rollback``, ``/export``) with the Python methods' parameter names, and blind A/B verification
-(``/ab_pair``, ``/ab_judge``, ``/ab_results``).
+(``/ab_pair``, ``/ab_judge``, ``/ab_results``). ``plain_routes`` adds ``POST /room/rank``, a
+ranking without Gradio's queue, and ``login_function`` the failed-login limit with the caller's
+address.
 
 Work on the model (generate, sample, A/B pairs, losses, update, rollback) shares the ``gpu`` concurrency group
-of one: one GPU, one job at a time. Ranking, browsing and exports have no limit and never queue
-behind it.
+of one: one GPU, one job at a time. Ranking, browsing and exports never queue behind it; exports
+run one at a time among themselves.
 """
 
 from __future__ import annotations

@@ -44,8 +44,16 @@ def test_ratio_is_exactly_one_in_every_dtype(name, dtype, policy, half_policies)
 
 def test_grpo_backward_in_bf16_gives_fp32_gradients_to_the_adapters(half_policies):
     model = half_policies["bf16"]
-    trajectory = model.sample(PROMPT, n=2, seed=5, steps=1).trajectory
-    terms = grpo_step(model, trajectory, 0, torch.tensor([1.0, -1.0]), GRPOConfig())
+    lora_A = model.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.lora_A["default"]
+    seen = []
+    hook = lora_A.register_forward_hook(lambda module, args, output: seen.append((args[0].dtype, output.dtype)))
+    try:
+        trajectory = model.sample(PROMPT, n=2, seed=5, steps=1).trajectory
+        terms = grpo_step(model, trajectory, 0, torch.tensor([1.0, -1.0]), GRPOConfig())
+    finally:
+        hook.remove()
+    # the adapter's arithmetic runs in bf16 (no fp32 copy of the activations), its weights stay fp32
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)} and lora_A.weight.dtype == torch.float32
     assert torch.equal(terms.ratio, torch.ones(2))
     parameters = model.lora_parameters()
     grads = torch.autograd.grad(terms.loss, parameters)

@@ -11,7 +11,7 @@ import argparse
 import ipaddress
 import sys
 
-from optim.policy import ModelLoadError
+from optim.policy import DTYPES, ModelLoadError
 
 
 def main(argv=None) -> int:
@@ -24,6 +24,10 @@ def main(argv=None) -> int:
                         help="accounts file: experts log in, only admins update or roll back")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a shared box)")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="precision of the frozen networks (default: bf16, or fp16, on a GPU; fp32 on a CPU)")
+    parser.add_argument("--lora", default=None, metavar="FILE",
+                        help="a diffusers LoRA file (.safetensors) the first version starts from (base + this LoRA)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve a non-loopback --host without --auth: everyone who reaches it is an admin")
     args = parser.parse_args(argv)
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
     try:
         users = None if args.auth is None else Users(args.auth)
         room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
-                           auto_register=users is None)
+                           auto_register=users is None, dtype=args.dtype, lora=args.lora)
     except (ModelLoadError, UsersFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

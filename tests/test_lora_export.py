@@ -139,3 +139,36 @@ def test_lora_files_the_workbench_cannot_train_are_refused_with_reasons(tmp_path
     save_file(tensors, both)
     with pytest.raises(ModelLoadError, match="also adapts text_encoder: the workbench trains the UNet's adapters only"):
         Policy.load(lora=both)
+
+
+def test_a_room_started_from_a_lora_hands_its_versions_out_over_http(tmp_path, outside_lora):
+    """``app.py --lora FILE``: the room's first version is base + that LoRA, and ``/version_lora`` hands any
+    version back as a file diffusers loads."""
+    from gradio_client import Client
+
+    from workbench.api import RoomAPI
+    from workbench.room import ControlRoom
+    from workbench.ui import serve
+
+    path, outside = outside_lora
+    room = ControlRoom(workdir=tmp_path / "run", lora=path, dtype="fp32")
+    assert room.policy.dtype == torch.float32 and room.versions()[0]["metrics"]["initial_lora"]["file"] == str(path.resolve())
+    page = serve(RoomAPI(room), block=False)
+    try:
+        local = Client(page.local_url, verbose=False)
+        handed = local.predict(version_id="v0", api_name="/version_lora")
+        with pytest.raises(Exception, match="unknown version 'v9'; known versions: v0"):
+            local.predict(version_id="v9", api_name="/version_lora")
+    finally:
+        page.close()
+    assert handed.endswith("generator-v0-lora.safetensors")
+    pipeline = plain_pipeline()
+    pipeline.load_lora_weights(handed)
+    assert torch.allclose(plain_output(pipeline), outside, atol=1e-5, rtol=0)
+
+
+def test_app_refuses_a_missing_lora_file_in_one_line(tmp_path, capsys):
+    from app import main
+
+    assert main(["--workdir", str(tmp_path), "--lora", str(tmp_path / "nope.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: LoRA file not found: {tmp_path / 'nope.safetensors'}"

@@ -175,6 +175,16 @@ class RoomAPI:
         with self._export_lock:
             return self.room.export(kind, self.new_outbox_folder() / EXPORT_FILES[kind], dicom=dicom)
 
+    def version_lora(self, caller: Caller, version_id: str) -> Path:
+        """Any logged-in caller: a version as a diffusers LoRA file, which ``pipeline.load_lora_weights(path)``
+        loads into a ``StableDiffusionPipeline`` of the same base model (a few MB, read from the version store)."""
+        name = f"{self.room.policy.model_path.name}-{version_id}-lora.safetensors"
+        try:
+            return self.room.version_store.export_diffusers_lora(version_id, self.new_outbox_folder() / name,
+                                                                 self.room.policy.adapter_config())
+        except KeyError as error:  # an unknown version: the message names the known ones
+            raise ValueError(error.args[0]) from error
+
     # ------------------------------------------------------------------ files for browsers and clients
 
     def new_outbox_folder(self) -> Path:
@@ -408,6 +418,14 @@ def register_api(api: RoomAPI) -> None:
         overall and per expert (experts see their own row)."""
         return api.ab_results(api.caller(request, expert))
 
+    @clear_errors
+    def version_lora(version_id: str, expert: str = "", request: gr.Request = None) -> gr.FileData:
+        """A version as a diffusers LoRA file (.safetensors): pipeline.load_lora_weights(path) loads it into a
+        StableDiffusionPipeline of the same base model."""
+        path = api.version_lora(api.caller(request, expert), version_id)
+        return gr.FileData(path=str(path), orig_name=path.name)
+
+    gr.api(version_lora, api_name="version_lora", concurrency_limit=None)
     for function in (generate, losses, apply_update, sample, rollback, ab_pair):
         gr.api(function, api_name=function.__name__, concurrency_id=GPU, concurrency_limit=1)
     for function in (rank, versions, export, ab_judge, ab_results):

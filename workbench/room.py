@@ -94,14 +94,15 @@ class RoomGroup:
 
 class ControlRoom:
     def __init__(self, model: str | Path | None = None, workdir: str | Path = "runs/demo", selector: str | Path | None = None,
-                 config: RoomConfig | None = None, store_url: str | None = None, auto_register: bool = True):
+                 config: RoomConfig | None = None, store_url: str | None = None, auto_register: bool = True,
+                 dtype: str | None = None, lora: str | Path | None = None):
         """``auto_register``: an unknown expert name is added at level 1 when it first ranks (local,
         single-user mode); with logins configured the page turns it off and experts are added by an admin."""
         self.auto_register = auto_register
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = config or RoomConfig()
-        self.policy = Policy.load(model)
+        self.policy = Policy.load(model, dtype=dtype, lora=lora)  # dtype: bf16 | fp16 | fp32; lora: a diffusers LoRA to start from
         self.version_store = VersionStore(self.workdir / "versions")
         self.store = Store(self.workdir, store_url)
         self.sampler = RejectionSampler(self.policy, Selector.load(selector), SamplerConfig(

@@ -157,6 +157,9 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             with gr.Row():
                 gallery_a = gr.Gallery(label="A", columns=2, height="auto")
                 gallery_b = gr.Gallery(label="B", columns=2, height="auto")
+            with gr.Row():
+                lora_button = gr.Button("Download version A as a diffusers LoRA", elem_id="version-lora")
+                lora_file = gr.File(label="LoRA file: pipeline.load_lora_weights(path) reads it", elem_id="version-lora-file")
             with gr.Group(visible=local) as admin_rollback:
                 with gr.Row():
                     rollback_to = gr.Dropdown(label="Roll back to (admins)")
@@ -348,6 +351,10 @@ def build_page(api: RoomAPI) -> gr.Blocks:
                     [_enlarged(i) for i in api.sample(who_, text, 4, seed_value, b)])
 
         @clear_errors
+        def on_version_lora(version, name_value, level_value, request: gr.Request):
+            return str(api.version_lora(caller(request, name_value, level_value), version))
+
+        @clear_errors
         def on_rollback(target, name_value, level_value, request: gr.Request):
             version = api.rollback(caller(request, name_value, level_value), target)
             return f"**{version['id']}** is current again; the next round samples from it."
@@ -472,6 +479,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
         updated.then(models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
         compare_button.click(on_compare, [version_a, version_b, compare_prompt, compare_seed, *me],
                              [gallery_a, gallery_b], **gpu)
+        lora_button.click(on_version_lora, [version_a, *me], [lora_file], **quick)
         rollback_button.click(on_rollback, [rollback_to, *me], [models_status], **gpu).then(
             models_view, None, [versions_table, version_a, version_b, rollback_to], **quick)
         verify_opened = verify_tab.select(verify_versions, [verify_a, verify_b], [verify_a, verify_b], **quick)

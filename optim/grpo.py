@@ -31,7 +31,7 @@ SCALES = ("group", "batch", "none")
 
 @dataclass
 class GRPOConfig:
-    clip_range: float = 1e-2
+    clip_range: float = 0.2  # wide: the KL trust region of each update bounds the move (README's sweep)
     kl_weight: float = 0.01  # beta
     scale_rewards: str = "group"  # "group" | "batch" | "none", as TRL's GRPOTrainer
     advantage_clip: float = 5.0

@@ -168,3 +168,65 @@ def test_an_error_mid_update_restores_the_weights_before_it_propagates(fresh, dr
     with pytest.raises(RuntimeError, match="out of memory"):
         apply_update(fresh, VersionStore(tmp_path / "versions"), [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3))
     assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())
+
+
+def test_grpo_weighs_each_group_by_its_experts_levels_spread_over_its_trained_steps(drawn):
+    """Hand-worked: a level-3 group trained on 2 steps and a level-1 group on 1 step get call weights
+    3/4 / 2 = 0.375 (twice) and 1/4 = 0.25; equal levels would have weighed the groups the same."""
+    senior, junior = ranked(drawn, level=3), ranked(drawn, level=1)
+    assert senior.weight() == 3.0 and junior.weight() == 1.0
+    two = RankedGroup("g2", IDS, drawn, [([["c0"], ["c1", "c2", "c3"]], 1), ([["c1"], ["c0", "c2", "c3"]], 2)])
+    assert two.weight() == 3.0  # a group two experts ranked counts for both
+
+    seen = []
+
+    def run_step(trajectory, step, advantage, weight, last):
+        seen.append((step, weight, last))
+        zero = torch.zeros(4)
+        return optim.grpo.GRPOStepTerms(torch.tensor(1.0), torch.ones(4), zero, zero.bool(), torch.tensor(0.0), zero, 1.0)
+
+    advantages = group_advantages([senior.rewards(), junior.rewards()])
+    metrics = optim.grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]])
+    assert seen == [(0, 0.375, False), (2, 0.375, False), (1, 0.25, True)]
+    assert metrics["loss"] == pytest.approx(1.0)  # the weights sum to 1
+
+
+def test_an_update_trains_a_seeded_subset_of_steps_and_records_the_seed(fresh, drawn, tmp_path):
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    generator = torch.Generator().manual_seed(5)
+    plan = optim.update.trained_steps([ranked(drawn)] * 3, 0.5, generator)
+    assert [len(steps) for steps in plan] == [2, 2, 2] and all(s == sorted(set(s)) for s in plan)
+    assert plan == optim.update.trained_steps([ranked(drawn)] * 3, 0.5, torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="train_fraction must be in"):
+        optim.update.trained_steps([ranked(drawn)], 0.0, generator)
+
+    first = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))
+    second = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))
+    assert first.applied and second.applied
+    assert len(first.metrics["trained_steps"][0]) == 1  # a quarter of 4 stored steps
+    assert first.metrics["seed"] != second.metrics["seed"]  # a fresh draw of steps and noise each update
+    pinned = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.5, seed=11))
+    assert pinned.metrics["seed"] == 11
+
+
+def test_the_trust_region_keeps_the_last_step_within_the_kl_budget(fresh, drawn, tmp_path):
+    """A budget just above the KL after one step: the update keeps the steps before the first one past it."""
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    start = fresh.lora_state_dict()
+    settings = dict(learning_rate=1e-3, optimizer_steps=3, seed=1)
+    free = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(kl_budget=float("inf"), **settings))
+    kls = [s["kl_before_step"] for s in free.metrics["steps"]] + [free.metrics["kl_from_previous"]]
+    assert kls[0] == 0.0 and kls[1] > 0
+    budget = kls[1] * 1.000001
+    first_past = next((k for k in range(2, 4) if kls[k] > budget), None)
+    assert first_past is not None, f"the KL never grew past the first step's: {kls}"
+    fresh.load_lora_state_dict(start)
+    fresh.use_version(store, "v0")
+
+    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(kl_budget=budget, **settings))
+    kept = first_past - 1  # the weights after this many steps are the last within the budget
+    assert result.applied and result.metrics["optimizer_steps_taken"] == kept and result.metrics["stopped_by_kl_budget"]
+    assert result.metrics["kl_from_previous"] == pytest.approx(kls[kept])
+    assert f"stopped after {kept} of 3 steps: the next would cross the KL budget" in result.message

@@ -18,7 +18,7 @@ reward model rank them. The trainers then see human and AI groups together:
 from __future__ import annotations
 
 import io
-import secrets
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +31,7 @@ from workbench.sampler import RejectionSampler, SamplerResult
 
 @dataclass
 class AmplifyConfig:
-    ai_groups: int = 0  # AI-ranked groups an update adds (the admin's setting on the Optimize tab)
+    ai_groups: int = 0  # AI-ranked groups an update adds: the admin chooses per update on the Optimize tab (README: 16)
     ai_weight: float = 1.0  # an AI group's loss weight; an expert's ranking weighs its level, 1-3
     min_agreement: float = 0.8  # AI groups whose ensemble agreement is below this are skipped
     max_disagreeing_share: float = 0.5  # more AI groups skipped than this share: the update is refused
@@ -85,22 +85,26 @@ def fit_reward_model(store: Store, features, config: AmplifyConfig) -> RewardMod
 
 
 def draw_ai_groups(sampler: RejectionSampler, model: RewardModel, prompts: list[str], config: AmplifyConfig,
-                   sampling: dict, on_group: Callable[[int, int], None] | None = None) -> tuple[list[AIGroup], int]:
+                   sampling: dict, seed: int, on_group: Callable[[int, int], None] | None = None
+                   ) -> tuple[list[AIGroup], int]:
     """``config.ai_groups`` groups drawn round the prompts and ranked by ``model``; and how many were skipped.
+
+    The groups' seeds come from ``seed`` (the update's), so an update is reproducible.
 
     Raises ``AmplificationRefused`` when the ensemble disagrees on more than the allowed share.
     """
     if not prompts:
         raise AmplificationRefused("no prompts to draw AI-ranked groups for: rank a group first")
     kept, skipped = [], 0
+    seeds = random.Random(seed)
     for k in range(config.ai_groups):
-        seed = secrets.randbits(31)
-        draw = sampler.draw(prompts[k % len(prompts)], seed, **sampling)
+        group_seed = seeds.getrandbits(31)
+        draw = sampler.draw(prompts[k % len(prompts)], group_seed, **sampling)
         if len(draw.survivors) >= 2:
             images = [c.image for c in draw.survivors]
             _, agreement = model.rank(list(range(len(images))), images)
             if agreement >= config.min_agreement:
-                kept.append(AIGroup(draw, seed, [float(s) for s in model.scores(images)[0]], agreement))
+                kept.append(AIGroup(draw, group_seed, [float(s) for s in model.scores(images)[0]], agreement))
             else:
                 skipped += 1
         if on_group is not None:

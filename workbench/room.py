@@ -171,7 +171,8 @@ class ControlRoom:
         if not ids:
             raise ValueError("no ranked groups to learn from yet: rank a group first")
         groups = [self._ranked_group(g) for g in ids]
-        config = replace(config or self.config.update, algorithm=algorithm)
+        config = config or self.config.update
+        config = replace(config, algorithm=algorithm, seed=secrets.randbits(31) if config.seed is None else config.seed)
         amplify = replace(self.config.amplify, ai_groups=self.config.amplify.ai_groups if ai_groups is None else ai_groups)
         progress = on_progress or (lambda fraction, what: None)
         with self.model_lock:
@@ -186,7 +187,7 @@ class ControlRoom:
                                                    "groups before it can rank AI groups")
                     ranked_prompts = list(dict.fromkeys([g.trajectory.prompt for g in groups] + (prompts or [])))
                     drawn, extra["ai_groups_skipped"] = draw_ai_groups(
-                        self.sampler, reward_model, ranked_prompts, amplify, self._sampling(),
+                        self.sampler, reward_model, ranked_prompts, amplify, self._sampling(), config.seed,
                         lambda done, total: progress(0.05 + 0.35 * done / total, f"AI-ranked group {done} of {total}"))
                     groups += [self._store_ai_group(d, reward_model, amplify.ai_weight) for d in drawn]
             except AmplificationRefused as refusal:

@@ -1,0 +1,89 @@
+"""Amplified updates in the control room: the reward model ranks extra groups, which are stored as AI
+groups, never offered to experts, never exported as human preferences, and refused when unsure."""
+
+import shutil
+
+import datasets
+import pytest
+from sqlalchemy import text
+
+from data.phantoms import all_prompts
+from data.simulated_experts import EXPERTS
+from data.store import Store
+from workbench import ControlRoom, RoomConfig
+from workbench.ai_feedback import AmplifyConfig
+
+PROMPTS = [p for p in all_prompts() if p.startswith(("CT", "MRI"))][:3]
+CONFIG = RoomConfig(survivors=4, batch_size=4, max_draws=8, steps=4, pass_rate_probe=0,
+                    amplify=AmplifyConfig(min_ranked_groups=3))
+
+
+@pytest.fixture(scope="module")
+def ranked_room(tmp_path_factory):
+    """A work directory with six groups ranked by the contrast expert (level 3), and nothing trained."""
+    folder = tmp_path_factory.mktemp("ranked")
+    room = ControlRoom(workdir=folder, config=CONFIG)
+    for g in range(6):
+        group = room.generate(PROMPTS[g % len(PROMPTS)], seed=g)
+        tiers = EXPERTS["contrast"].rank([c.id for c in group.survivors], [c.image for c in group.survivors])
+        room.rank(group.id, tiers, expert="senior", level=3)
+    room.store.close()
+    return folder
+
+
+def room_copy(ranked_room, tmp_path, **changes):
+    shutil.copytree(ranked_room, tmp_path / "room")
+    config = RoomConfig(**{**CONFIG.__dict__, **changes})
+    return ControlRoom(workdir=tmp_path / "room", config=config)
+
+
+def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room, tmp_path):
+    room = room_copy(ranked_room, tmp_path)
+    stages = []
+    result = room.apply_update("grpo", ai_groups=3, on_progress=lambda fraction, what: stages.append((fraction, what)))
+    assert result.applied, result.message
+    assert "(3 ranked by the reward model)" in result.message
+    assert result.metrics["human_groups"] == 6 and result.metrics["ai_groups"] == 3
+    assert result.metrics["reward_model"]["heldout_groups"] >= 1 and result.metrics["ai_groups_skipped"] == 0
+    assert stages[0][1].startswith("fitting the reward model") and stages[-1][0] == 1.0
+    assert [f for f, _ in stages] == sorted(f for f, _ in stages)  # the progress bar only moves forward
+    assert (room.workdir / "reward_models" / result.version.id / "reward_model.safetensors").is_file()
+
+    ai = room.store.ai_groups()
+    assert len(ai) == 3 and all(g["source"] == "ai" and len(g["ai"]["scores"]) == 4 for g in ai)
+    assert room.counts()["ai_groups"] == 3 and room.counts()["groups"] == 6
+    assert room.next_group("newcomer") is None  # AI groups are never offered to an expert
+    assert room.store.unused_ranked_groups() == []
+
+    human = datasets.load_dataset("parquet", data_files=str(room.export("pickapic", tmp_path / "h.parquet")), split="train")
+    assert set(human["source"]) == {"human"} and len(human) == 6 * 6
+    both = datasets.load_dataset("parquet", data_files=str(room.export("pickapic", tmp_path / "a.parquet", include_ai=True)),
+                                 split="train")
+    assert both["source"].count("ai") == 3 * 6 and set(both.filter(lambda r: r["source"] == "ai")["expert_level"]) == {0}
+
+
+def test_an_update_whose_ai_groups_the_ensemble_cannot_agree_on_is_refused(ranked_room, tmp_path):
+    room = room_copy(ranked_room, tmp_path, amplify=AmplifyConfig(min_ranked_groups=3, min_agreement=1.01))
+    result = room.apply_update("grpo", ai_groups=2)
+    assert not result.applied and room.policy.version == "v0"
+    assert result.message == ("update refused: the reward model's ensemble disagrees on 2 of 2 AI-ranked groups "
+                              "(agreement below 1.01): rank more groups by hand, or ask for fewer AI groups; v0 stays current")
+    assert room.store.unused_ranked_groups() != []  # the human groups wait for the next update
+
+
+def test_too_few_rankings_for_the_reward_model_refuses_amplification(ranked_room, tmp_path):
+    room = room_copy(ranked_room, tmp_path, amplify=AmplifyConfig(min_ranked_groups=10))
+    result = room.apply_update("dpo", ai_groups=2)
+    assert not result.applied and "needs at least 10 ranked groups" in result.message
+    assert room.apply_update("dpo").applied  # without AI groups the update goes on, and says nothing of the model
+
+
+def test_a_store_made_before_ai_groups_gains_the_source_column(tmp_path):
+    store = Store(tmp_path)
+    with store.engine.begin() as connection:  # the schema as it was: no source, no ai
+        connection.execute(text("ALTER TABLE groups DROP COLUMN source"))
+        connection.execute(text("ALTER TABLE groups DROP COLUMN ai"))
+    store.close()
+    again = Store(tmp_path)
+    again.add_group("CT: axial slice", "v0", [1], {}, [])
+    assert again.counts()["groups"] == 1 and again.counts()["ai_groups"] == 0

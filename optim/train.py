@@ -121,7 +121,11 @@ def decode_image(cell) -> Image.Image:
 
 
 class PickAPicPairs(Dataset):
-    """``(winner image, loser image, caption)`` for every decided row of a Pick-a-Pic parquet file."""
+    """``(winner image, loser image, caption, weight)`` for every decided row of a Pick-a-Pic parquet file.
+
+    The weight is the row's ``expert_level`` where the file has one (the workbench's exports do), 1 otherwise:
+    a level-3 expert's pair counts three times a level-1 expert's, as in the in-process updates.
+    """
 
     def __init__(self, path: str | Path):
         import pyarrow.parquet as pq
@@ -129,7 +133,10 @@ class PickAPicPairs(Dataset):
         missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
         if missing:
             raise ValueError(f"{path} is not in Pick-a-Pic format: no column {', '.join(missing)} (needs {', '.join(COLUMNS)})")
-        self.table = pq.read_table(path, columns=list(COLUMNS), memory_map=True)
+        columns = list(COLUMNS) + (["expert_level"] if "expert_level" in pq.read_schema(path).names else [])
+        self.table = pq.read_table(path, columns=columns, memory_map=True)
+        self.levels = (self.table["expert_level"].to_pylist() if "expert_level" in columns
+                       else [1] * self.table.num_rows)
         labels = zip(self.table["label_0"].to_pylist(), self.table["label_1"].to_pylist())
         self.rows = [(row, 0 if l0 > l1 else 1) for row, (l0, l1) in enumerate(labels) if l0 != l1]  # (row, winner)
         self.ties = self.table.num_rows - len(self.rows)
@@ -137,19 +144,20 @@ class PickAPicPairs(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str]:
+    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str, float]:
         row, winner = self.rows[index]
         winner_image, loser_image = (decode_image(self.table[f"jpg_{side}"][row].as_py()) for side in (winner, 1 - winner))
-        return winner_image, loser_image, self.table["caption"][row].as_py()
+        return winner_image, loser_image, self.table["caption"][row].as_py(), float(self.levels[row])
 
 
 class RatingsPairs(Dataset):
-    """``(winner image, loser image, prompt)`` from an experts' ratings CSV (``data.ratings``).
+    """``(winner image, loser image, prompt, weight)`` from an experts' ratings CSV (``data.ratings``).
 
     Within each prompt, every two images whose scores differ make a pair, the better one winning. An
     image's score is the level-weighted mean of its normalised ratings (the expert level weights,
     as everywhere). Equal scores are ties and are dropped, as Pick-a-Pic's are. Rows the CSV check
-    refuses are reported (``report``) and left out; the good rows still train.
+    refuses are reported (``report``) and left out; the good rows still train. A pair's weight is the
+    mean of its two images' mean expert levels, as the reward model weighs imported ratings.
     """
 
     def __init__(self, path: str | Path):
@@ -158,20 +166,22 @@ class RatingsPairs(Dataset):
         rows = ratings.rows.assign(weighted=ratings.rows["score"] * ratings.rows["expert_level"])
         totals = rows.groupby(["prompt", "path"])[["weighted", "expert_level"]].sum()
         scores = totals["weighted"] / totals["expert_level"]
+        levels = rows.groupby(["prompt", "path"])["expert_level"].mean()
         self.rows, self.ties = [], 0
         for prompt, images in scores.groupby(level="prompt"):
             for ((_, first), a), ((_, second), b) in itertools.combinations(images.items(), 2):
                 if a == b:
                     self.ties += 1
-                else:
-                    self.rows.append((first, second, prompt) if a > b else (second, first, prompt))
+                    continue
+                weight = float((levels[(prompt, first)] + levels[(prompt, second)]) / 2)
+                self.rows.append((first, second, prompt, weight) if a > b else (second, first, prompt, weight))
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str]:
-        winner, loser, prompt = self.rows[index]
-        return display_image(winner), display_image(loser), prompt
+    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str, float]:
+        winner, loser, prompt, weight = self.rows[index]
+        return display_image(winner), display_image(loser), prompt, weight
 
 
 def display_image(path: Path) -> Image.Image:
@@ -184,8 +194,8 @@ def preference_pairs(path: str | Path) -> Dataset:
     return RatingsPairs(path) if Path(path).suffix.lower() == ".csv" else PickAPicPairs(path)
 
 
-def collate_pairs(batch: list[tuple]) -> tuple[list, list, list]:
-    """Winners, losers and captions as lists: the policy encodes PIL images itself."""
+def collate_pairs(batch: list[tuple]) -> tuple[list, list, list, list]:
+    """Winners, losers, captions and weights as lists: the policy encodes PIL images itself."""
     return tuple(list(column) for column in zip(*batch))
 
 
@@ -207,7 +217,7 @@ def selector_passed(accelerator: Accelerator, selector: Selector, pairs: Dataset
     with accelerator.split_between_processes(list(range(len(pairs)))) as mine:
         kept = []
         for i in mine:
-            winner, loser, caption = pairs[i]
+            winner, loser, caption, _ = pairs[i]
             if all(verdict.passed for verdict in selector.judge([winner, loser], prompt=caption)):
                 kept.append(i)
     return sorted(gather_object(kept))
@@ -296,10 +306,10 @@ class Trainer:
         return metrics
 
     def dpo_backward(self, batch) -> dict:
-        winners, losers, captions = batch
+        winners, losers, captions, weights = batch
         prompt_embeds = torch.cat([self.policy.encode_prompt(caption)[0] for caption in captions])
         terms = self.model(dpo_terms, self.policy.encode_images(winners), self.policy.encode_images(losers),
-                           prompt_embeds, torch.ones(len(captions)), self.config.dpo, self.generator)
+                           prompt_embeds, torch.tensor(weights, dtype=torch.float32), self.config.dpo, self.generator)
         self.accelerator.backward(terms.loss)
         return {"loss": terms.loss.item(), "implicit_accuracy": terms.accuracy, "margin": terms.margin.mean().item()}
 

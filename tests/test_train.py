@@ -67,10 +67,14 @@ def test_pick_a_pic_pairs_drop_ties_and_follow_the_labels(tmp_path):
     ], as_datasets_image=True)
     pairs = PickAPicPairs(path)
     assert (len(pairs), pairs.ties) == (2, 1)
-    (w0, l0, c0), (w1, l1, c1) = pairs[0], pairs[1]
-    assert (c0, c1) == ("CT: one", "CT: two")
+    (w0, l0, c0, weight0), (w1, l1, c1, weight1) = pairs[0], pairs[1]
+    assert (c0, c1) == ("CT: one", "CT: two") and (weight0, weight1) == (1.0, 1.0)  # no expert_level column
     same = lambda x, y: np.array_equal(np.asarray(x), np.asarray(y))  # noqa: E731
     assert same(w0, l1) and same(w1, l0)  # the label_1 row: its jpg_1 wins
+    levelled = pa.table({"caption": ["CT: one", "CT: two"], "jpg_0": [png(a.image)] * 2, "jpg_1": [png(b.image)] * 2,
+                         "label_0": [1.0, 0.0], "label_1": [0.0, 1.0], "expert_level": [3, 1]})
+    pq.write_table(levelled, tmp_path / "levelled.parquet")  # the workbench's own export carries the level
+    assert [pair[3] for pair in PickAPicPairs(tmp_path / "levelled.parquet")] == [3.0, 1.0]
     pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b""]}), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="not in Pick-a-Pic format"):
         PickAPicPairs(tmp_path / "bad.parquet")
@@ -167,9 +171,11 @@ def test_ratings_csv_gives_pairs_within_each_prompt_by_level_weighted_score(tmp_
                          for p, r, lvl, q in rows], tmp_path / "ratings.csv")
     pairs = RatingsPairs(csv)
     # scores: a 1.0; b (0 x 1 + 1 x 1) / 2 = 0.5; c 0.5; d alone under its prompt
-    assert [(Path(w).name, Path(l).name) for w, l, _ in pairs.rows] == [("a.png", "b.png"), ("a.png", "c.png")]
+    assert [(Path(w).name, Path(l).name) for w, l, _, _ in pairs.rows] == [("a.png", "b.png"), ("a.png", "c.png")]
+    # weights: a's level 3 with b's mean level 1 gives 2; with c's level 2 gives 2.5
+    assert [weight for *_, weight in pairs.rows] == [2.0, 2.5]
     assert pairs.ties == 1 and "row 7: image_path: outside the data root" in pairs.report
-    winner, loser, caption = pairs[0]
+    winner, loser, caption, _ = pairs[0]
     assert caption == prompt and winner.size == (64, 64) and winner.mode == "L"
     train(TrainConfig(data=str(csv), out=str(tmp_path / "runs"), batch_size=2, report_to="none", dpo=FAST_DPO))
     assert "2 pairs within prompts, 1 ties dropped" in capsys.readouterr().out

@@ -87,7 +87,8 @@ def test_pickapic_rows_labels_and_pseudonyms(tmp_path, monkeypatch):
 
 def test_trl_rows_skip_ties(tmp_path, monkeypatch):
     rows = load(export("trl", [group()], tmp_path / "t.parquet", secret=SECRET), tmp_path, monkeypatch)
-    assert list(rows.features) == ["prompt", "chosen", "rejected"] and len(rows) == 10
+    assert list(rows.features) == ["prompt", "chosen", "rejected", "source"] and len(rows) == 10
+    assert set(rows["source"]) == {"human"}
     assert isinstance(rows.features["chosen"], datasets.Image)
     pairs = [(candidate_of(r["chosen"]), candidate_of(r["rejected"])) for r in rows.select(range(5))]
     assert pairs == [("c0", "c1"), ("c2", "c0"), ("c2", "c1"), ("c3", "c1"), ("c2", "c3")]

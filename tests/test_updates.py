@@ -112,7 +112,7 @@ def test_a_nan_loss_leaves_the_weights_untouched_and_nothing_is_saved(fresh, dra
         return terms
 
     monkeypatch.setattr(optim.update, "grpo_step", poisoned)
-    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3))
+    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3, train_fraction=1.0))
     assert not result.applied and result.version is None
     assert result.message.startswith("update refused: the GRPO loss is not finite (nan): no step was taken")
     assert result.message.endswith("v0 stays current")
@@ -166,7 +166,8 @@ def test_an_error_mid_update_restores_the_weights_before_it_propagates(fresh, dr
 
     monkeypatch.setattr(optim.update, "grpo_step", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
-        apply_update(fresh, VersionStore(tmp_path / "versions"), [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3))
+        apply_update(fresh, VersionStore(tmp_path / "versions"), [ranked(drawn)],
+                     UpdateConfig(optimizer_steps=3, learning_rate=1e-3, train_fraction=1.0))
     assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())
 
 

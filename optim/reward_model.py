@@ -333,6 +333,17 @@ def _fit_ensemble(features: torch.Tensor, comparisons: Sequence[Comparison], con
     return mean, scale, torch.stack(heads)
 
 
+def ensemble_agreement(rewards: torch.Tensor) -> float:
+    """The share of (member, candidate pair) orderings of ``rewards`` (N, members) that match the ensemble
+    mean's ordering: 1.0 when every member orders every pair as the mean does; a single image gives 1.0."""
+    mean = rewards.mean(dim=1)
+    first, second = torch.triu_indices(len(mean), len(mean), offset=1)
+    if len(first) == 0:
+        return 1.0
+    agree = torch.sign(rewards[first] - rewards[second]) == torch.sign(mean[first] - mean[second])[:, None]
+    return float(agree.double().mean())
+
+
 class RewardModel:
     """An ensemble of Bradley-Terry heads on fixed, standardised image features (see the module's notes)."""
 
@@ -424,11 +435,7 @@ class RewardModel:
                 tiers[-1].append(ids[k])
             else:
                 tiers.append([ids[k]])
-        first, second = torch.triu_indices(len(ids), len(ids), offset=1)
-        if len(first) == 0:
-            return tiers, 1.0
-        agree = torch.sign(rewards[first] - rewards[second]) == torch.sign(mean[first] - mean[second])[:, None]
-        return tiers, float(agree.double().mean())
+        return tiers, ensemble_agreement(rewards)
 
     def save(self, folder: str | Path, seen: dict) -> Path:
         """Heads and standardisation as safetensors, config, metrics and ``seen`` as JSON; returns the folder."""

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from data.store import Store
-from optim.reward_model import RewardModel, RewardModelConfig, comparisons_from_rankings, comparisons_from_ratings
+from optim.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings, comparisons_from_ratings,
+                                ensemble_agreement)
 from workbench.sampler import RejectionSampler, SamplerResult
 
 
@@ -101,10 +102,10 @@ def draw_ai_groups(sampler: RejectionSampler, model: RewardModel, prompts: list[
         group_seed = seeds.getrandbits(31)
         draw = sampler.draw(prompts[k % len(prompts)], group_seed, **sampling)
         if len(draw.survivors) >= 2:
-            images = [c.image for c in draw.survivors]
-            _, agreement = model.rank(list(range(len(images))), images)
+            rewards = model.member_rewards([c.image for c in draw.survivors])  # features computed once
+            agreement = ensemble_agreement(rewards)
             if agreement >= config.min_agreement:
-                kept.append(AIGroup(draw, group_seed, [float(s) for s in model.scores(images)[0]], agreement))
+                kept.append(AIGroup(draw, group_seed, rewards.mean(dim=1).tolist(), agreement))
             else:
                 skipped += 1
         if on_group is not None:

@@ -21,7 +21,7 @@ from optim.reward_model import (
     comparisons_from_ratings,
     featurizer,
     pairwise_accuracy,
-    split_by_group,
+    group_folds,
 )
 from optim.rewards import RankingError
 
@@ -81,7 +81,7 @@ def test_level_weights_set_the_fitted_odds():
     # has sigmoid(r0 - r1) = 3 / (3 + 1), so r0 - r1 = log 3 exactly; unweighted it would be 0.
     images = [grey(70), grey(180)]
     pairs = comparisons_from_rankings("g", 0, [0, 1], [([[0], [1]], 3), ([[1], [0]], 1)])
-    config = RewardModelConfig(features="pixels", members=1, l2=0.0, holdout_fraction=0.0)
+    config = RewardModelConfig(features="pixels", members=1, l2=0.0)
     model = RewardModel.fit(images, pairs, PixelFeatures(), config)
     mean, spread = model.scores(images)
     assert mean[0] - mean[1] == pytest.approx(math.log(3), abs=1e-5)
@@ -111,16 +111,19 @@ def test_ratings_give_pairs_within_a_prompt_weighted_by_the_mean_level():
         comparisons_from_ratings([{"prompt": "CT: p", "rating": 3, "level": 3}])
 
 
-def test_split_by_group_never_puts_a_group_on_both_sides():
+def test_group_folds_hold_out_every_group_once_and_never_split_a_group():
     pairs = [Comparison(f"g{g}", 4 * g + k, 4 * g + k + 1, 3.0) for g in range(10) for k in range(3)]
-    train, held = split_by_group(pairs, 0.3, seed=1)
-    train_groups, held_groups = {c.group for c in train}, {c.group for c in held}
-    assert len(held_groups) == 3 and len(train_groups) == 7 and not train_groups & held_groups
-    assert sorted(train + held, key=pairs.index) == pairs  # every comparison on exactly one side
-    assert split_by_group(pairs, 0.3, seed=1) == (train, held)  # the seed fixes the split
-    assert {c.group for c in split_by_group(pairs, 0.3, seed=2)[1]} != held_groups
-    assert split_by_group(pairs[:3], 0.3, seed=1) == (pairs[:3], [])  # one group: nothing to hold out
-    assert len({c.group for c in split_by_group(pairs[:6], 0.01, seed=1)[1]}) == 1  # two groups: one each side
+    folds = group_folds(pairs, 4, seed=1)
+    assert len(folds) == 4 and sorted(len({c.group for c in held}) for _, held in folds) == [2, 2, 3, 3]
+    for train, held in folds:
+        assert not {c.group for c in train} & {c.group for c in held}  # a group is on one side only
+        assert sorted(train + held, key=pairs.index) == pairs
+    assert sorted((c for _, held in folds for c in held), key=pairs.index) == pairs  # every pair held out once
+    assert group_folds(pairs, 4, seed=1) == folds  # the seed fixes the folds
+    assert group_folds(pairs, 4, seed=2) != folds
+    assert group_folds(pairs[:3], 5, seed=1) == []  # one group: nothing to hold out
+    assert [len(held) for _, held in group_folds(pairs[:6], 5, seed=1)] == [3, 3]  # two groups: two folds
+    assert group_folds(pairs, 1, seed=1) == group_folds(pairs, 0, seed=1) == []
 
 
 def test_ensemble_spread_and_agreement_by_hand():
@@ -204,9 +207,9 @@ def test_learns_a_simulated_experts_preference_on_held_out_groups(policy):
     # far better than chance (0.5). Phantoms of one modality barely differ in contrast (many such
     # groups tie throughout), so the contrast expert is left to the benchmark's generated groups.
     images, pairs = phantom_groups(32, "brightness")
-    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig(holdout_fraction=0.25))
+    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig(folds=4))
     metrics = model.metrics
     assert metrics["features"] == "latents" and metrics["members"] == 5
-    assert metrics["heldout_groups"] == round(0.25 * metrics["groups"]) and metrics["heldout_pairs"] >= 20
+    assert metrics["folds"] == 4 and metrics["heldout_groups"] == metrics["groups"] >= 24  # every group held out once
     assert metrics["heldout_accuracy"] >= 0.85 and metrics["heldout_accuracy_unweighted"] >= 0.85
-    assert metrics["train_pairs"] + metrics["heldout_pairs"] == metrics["pairs"] == len(pairs)
+    assert metrics["heldout_pairs"] == metrics["pairs"] == len(pairs)

@@ -321,8 +321,8 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             model = result.metrics.get("reward_model") or {}
             accuracy = model.get("heldout_accuracy")
             judged = ("" if accuracy is None else
-                      f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs "
-                      f"({model['heldout_groups']} groups the fit did not see) ordered as the experts did.")
+                      f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs ordered as the experts did "
+                      f"(each by a fit that did not see its group; {model['folds']}-fold cross-validation).")
             return (f"**{result.version.id}** is now current: {result.message}{judged}" if result.applied
                     else f"**Refused.** {result.message}{judged}")
 

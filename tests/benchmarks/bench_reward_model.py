@@ -4,17 +4,18 @@ From the embedded default generator, the rejection sampler (with the embedded se
 draws ``--groups`` groups of 4 over the phantoms' prompts (``data.phantoms.all_prompts``, the group
 number choosing the prompt in turn and seeding the draw). Each simulated expert of
 ``data.simulated_experts.EXPERTS`` ranks every group at level 3; a group whose four candidates all
-tie gives no pair and drops out. For each feature set and each expert, ``--splits`` random splits
-BY GROUP hold out ``--heldout`` of the groups, the reward model (``optim.reward_model``, default
-settings otherwise) fits on the rest, and its ensemble mean orders the held-out pairs: reported are
-the mean and the minimum of the level-weighted held-out accuracy over the splits, the groups and
-pairs on each side, the time to compute the features of all images once, and the mean fit time
-(held-out fit and refit on all groups, features precomputed).
+tie gives no pair and drops out. For each feature set and each expert, the reward model
+(``optim.reward_model``, default settings otherwise) measures its held-out accuracy as ``fit`` always
+does, by cross-validation over ``--folds`` folds OF GROUPS (each pair is ordered by an ensemble that
+never saw its group), repeated over ``--repeats`` shuffles of the groups: reported are the mean and
+the minimum of the level-weighted held-out accuracy over the repeats, the training groups per fold,
+the time to compute the features of all images once, and the mean fit time (every fold's fit and the
+refit on all groups, features precomputed).
 
 Bar (issue 10): at least 80% held-out pairwise accuracy on the simulated expert's groups with 30
 training groups.
 
-    python tests/benchmarks/bench_reward_model.py [--groups 40] [--heldout 0.25] [--splits 5]
+    python tests/benchmarks/bench_reward_model.py [--groups 40] [--folds 4] [--repeats 5]
         [--features selector latents pixels latents+pixels] [--cache DIR] [--json FILE] [--device cpu]
 
 ``--cache DIR`` keeps the drawn groups (PNG and a JSON of prompts) so another run can skip the draws.
@@ -85,19 +86,18 @@ def expert_comparisons(groups: list[tuple[str, list]], expert) -> list:
 
 
 def measure(images, comparisons, featurize, features, args) -> dict:
-    """Held-out accuracy over ``args.splits`` group splits, the images' features computed once beforehand."""
+    """Cross-validated held-out accuracy over ``args.repeats`` shuffles, the features computed once beforehand."""
     fits = [RewardModel.fit(images, comparisons, featurize,
-                            RewardModelConfig(features=featurize.name, seed=split, holdout_fraction=args.heldout),
+                            RewardModelConfig(features=featurize.name, seed=repeat, folds=args.folds),
                             features=features).metrics
-            for split in range(args.splits)]
+            for repeat in range(args.repeats)]
     accuracies = [fit["heldout_accuracy"] for fit in fits]
     return {
         "heldout_accuracy_mean": float(np.mean(accuracies)),
         "heldout_accuracy_min": float(np.min(accuracies)),
         "heldout_accuracy_unweighted_mean": float(np.mean([fit["heldout_accuracy_unweighted"] for fit in fits])),
-        "train_groups": fits[0]["train_groups"], "heldout_groups": fits[0]["heldout_groups"],
-        "train_pairs_mean": float(np.mean([fit["train_pairs"] for fit in fits])),
-        "heldout_pairs_mean": float(np.mean([fit["heldout_pairs"] for fit in fits])),
+        "groups": fits[0]["groups"], "train_groups_per_fold": fits[0]["groups"] * (1 - 1 / fits[0]["folds"]),
+        "heldout_pairs": fits[0]["heldout_pairs"],
         "fit_seconds_mean": float(np.mean([fit["seconds"] for fit in fits])),
     }
 
@@ -105,8 +105,8 @@ def measure(images, comparisons, featurize, features, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--groups", type=int, default=40)
-    parser.add_argument("--heldout", type=float, default=0.25, help="share of groups held out per split")
-    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=4, help="cross-validation folds of groups (4: 30 of 40 train)")
+    parser.add_argument("--repeats", type=int, default=5, help="shuffles of the groups into folds")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--features", nargs="+", default=["selector", "latents", "pixels", "latents+pixels"])
     parser.add_argument("--cache", type=Path, default=None, help="keep (or reuse) the drawn groups here")
@@ -131,9 +131,9 @@ def main() -> None:
                       "feature_seconds": feature_seconds, **measure(images, expert_pairs, featurize, features, args)}
             results.append(result)
             print(f"{features_name:>15} {expert:>10}: held-out accuracy {result['heldout_accuracy_mean']:.1%} mean, "
-                  f"{result['heldout_accuracy_min']:.1%} min over {args.splits} splits (bar 80%); "
-                  f"{result['train_groups']} training / {result['heldout_groups']} held-out groups, "
-                  f"{result['heldout_pairs_mean']:.0f} held-out pairs; features {feature_seconds:.1f} s for "
+                  f"{result['heldout_accuracy_min']:.1%} min over {args.repeats} shuffles (bar 80%); "
+                  f"{result['train_groups_per_fold']:.0f} training groups per fold, "
+                  f"{result['heldout_pairs']} held-out pairs; features {feature_seconds:.1f} s for "
                   f"{len(images)} images, fit {result['fit_seconds_mean']:.2f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

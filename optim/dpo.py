@@ -15,6 +15,9 @@ its LoRA adapters disabled). The beta convention is the paper's, with the 0.5 fa
 
 Several (t, noise) draws per pair (``noise_draws``) average out the timestep's variance. Pairs carry
 weights (the expert level); the loss is their weighted mean. Ties never reach here: they give no pair.
+An update that back-propagates its pairs in micro-batches draws every pair's (t, noise) first
+(``NoiseDraws.draw``) and hands each micro-batch its share (``NoiseDraws.pairs``), so the numbers are
+those of one batch.
 """
 
 from __future__ import annotations
@@ -34,6 +37,24 @@ class DPOConfig:
     beta: float = 5000.0
     loss_type: str = "sigmoid"
     noise_draws: int = 4
+
+
+@dataclass
+class NoiseDraws:
+    """The (timestep, noise) of every pair and draw, shared by the pair's winner and loser."""
+
+    timesteps: torch.Tensor  # (draws, P)
+    noise: torch.Tensor  # (draws, P, C, h, w)
+
+    @staticmethod
+    def draw(policy: Policy, pairs: int, shape: tuple[int, ...], draws: int, generator: torch.Generator) -> "NoiseDraws":
+        timesteps = torch.randint(0, policy.scheduler.config.num_train_timesteps, (draws * pairs,), generator=generator)
+        noise = torch.randn((draws * pairs, *shape), generator=generator)
+        return NoiseDraws(timesteps.view(draws, pairs), noise.view(draws, pairs, *shape))
+
+    def pairs(self, rows: slice) -> "NoiseDraws":
+        """The draws of some pairs only (a micro-batch)."""
+        return NoiseDraws(self.timesteps[:, rows], self.noise[:, rows])
 
 
 @dataclass
@@ -65,15 +86,20 @@ def dpo_terms(
     prompt_embeds: torch.Tensor,
     weights: torch.Tensor,
     config: DPOConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    drawn: NoiseDraws | None = None,
 ) -> DPOTerms:
-    """The DPO loss of P pairs of clean latents (P, C, h, w) with their prompt embeddings (P, L, D)."""
+    """The DPO loss of P pairs of clean latents (P, C, h, w) with their prompt embeddings (P, L, D).
+
+    The (t, noise) draws come from ``generator``, or are given (``drawn``: a micro-batch's share of a batch's).
+    """
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {config.loss_type!r}")
-    pairs, draws, device = winners.shape[0], config.noise_draws, policy.device
-    # one (t, noise) per pair and draw, shared by the winner and the loser
-    timesteps = torch.randint(0, policy.scheduler.config.num_train_timesteps, (draws * pairs,), generator=generator)
-    noise = torch.randn((draws * pairs, *winners.shape[1:]), generator=generator)
+    pairs, device = winners.shape[0], policy.device
+    if drawn is None:
+        drawn = NoiseDraws.draw(policy, pairs, tuple(winners.shape[1:]), config.noise_draws, generator)
+    # one (t, noise) per pair and draw, shared by the winner and the loser; draw-major, as the latents below
+    draws, timesteps, noise = drawn.timesteps.shape[0], drawn.timesteps.reshape(-1), drawn.noise.flatten(0, 1)
     latents = torch.cat([winners.repeat(draws, 1, 1, 1), losers.repeat(draws, 1, 1, 1)]).to(device)
     inputs = (latents, torch.cat([noise, noise]).to(device), torch.cat([timesteps, timesteps]).to(device),
               prompt_embeds.repeat(2 * draws, 1, 1).to(device))
@@ -96,5 +122,10 @@ def dpo_terms(
         margin=detached,
         winner_reward=implicit_reward[0].detach(),
         loser_reward=implicit_reward[1].detach(),
-        accuracy=float(((detached > 0).float() + 0.5 * (detached == 0).float()).mean()),
+        accuracy=implicit_accuracy(detached),
     )
+
+
+def implicit_accuracy(margin: torch.Tensor) -> float:
+    """Share of pairs whose winner's implicit reward is above the loser's (a tie counts half)."""
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())

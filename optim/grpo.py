@@ -67,17 +67,19 @@ class GRPOStepTerms:
 
 
 def grpo_step(policy: Policy, trajectory: Trajectory, step: int, advantages: torch.Tensor, config: GRPOConfig,
-              reference_mean: torch.Tensor | None = None) -> GRPOStepTerms:
-    """The GRPO loss of one stored denoising step of one group, under the current weights.
+              reference_mean: torch.Tensor | None = None, rows: slice = slice(None)) -> GRPOStepTerms:
+    """The GRPO loss of one stored denoising step of one group (or of its candidates ``rows``: a
+    micro-batch), under the current weights; the loss is the mean over those candidates.
 
-    ``reference_mean``: the reference policy's kernel mean at this step, when the caller has it
-    already (it does not change during an update); computed here otherwise.
+    ``advantages``: the whole group's. ``reference_mean``: the reference policy's kernel mean at this
+    step for ``rows``, when the caller has it already (it does not change during an update); computed
+    here otherwise.
     """
-    log_prob, mean, std = policy.score_step(trajectory, step)
+    log_prob, mean, std = policy.score_step(trajectory, step, rows)
     if reference_mean is None:
-        reference_mean = reference_kernel_mean(policy, trajectory, step)
-    old = trajectory.log_probs[:, step].to(log_prob.device)
-    advantages = advantages.to(log_prob.device)
+        reference_mean = reference_kernel_mean(policy, trajectory, step, rows)
+    old = trajectory.log_probs[rows, step].to(log_prob.device)
+    advantages = advantages[rows].to(log_prob.device)
     ratio = torch.exp(log_prob - old)
     clipped_ratio = ratio.clamp(1.0 - config.clip_range, 1.0 + config.clip_range)
     surrogate = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
@@ -94,35 +96,48 @@ def grpo_step(policy: Policy, trajectory: Trajectory, step: int, advantages: tor
 
 
 @torch.no_grad()
-def reference_kernel_mean(policy: Policy, trajectory: Trajectory, step: int) -> torch.Tensor:
-    """The reference policy's (adapters disabled) step-kernel mean at a stored step."""
+def reference_kernel_mean(policy: Policy, trajectory: Trajectory, step: int, rows: slice = slice(None)) -> torch.Tensor:
+    """The reference policy's (adapters disabled) step-kernel mean at a stored step, for candidates ``rows``."""
     with policy.reference():
-        return policy.score_step(trajectory, step)[1]
+        return policy.score_step(trajectory, step, rows)[1]
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """``range(n)`` in consecutive slices of at most ``size`` rows; one slice when ``size`` is 0 (no limit)."""
+    if size < 0:
+        raise ValueError(f"micro_batch must be 0 (no limit) or positive, got {size}")
+    size = size or n
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], run_step,
-              weights: list[float] | None = None, steps: list[list[int]] | None = None) -> dict:
+              weights: list[float] | None = None, steps: list[list[int]] | None = None, micro_batch: int = 0) -> dict:
     """The trained steps of every group through ``run_step``, and the metrics averaged over them.
 
-    ``run_step(trajectory, step, advantage, weight, last)`` computes that step's ``GRPOStepTerms``
-    and, when training, back-propagates ``weight * terms.loss``; ``last`` marks the final call, where
-    a distributed run synchronises gradients. The in-process update (``optim.update``) and the
-    accelerate trainer (``optim.train``) differ only in that function.
+    ``run_step(trajectory, step, rows, advantage, weight, last)`` computes the ``GRPOStepTerms`` of
+    that step for the candidates ``rows`` (a slice) and, when training, back-propagates
+    ``weight * terms.loss``; ``last`` marks the final call, where a distributed run synchronises
+    gradients. The in-process update (``optim.update``) and the accelerate trainer (``optim.train``)
+    differ only in that function.
 
     ``weights``: one loss weight per group (default equal; updates pass ``RankedGroup.weight()``, the
-    experts' levels); ``steps``: the stored steps trained per group (default all). Each group's weight
-    is spread evenly over its trained steps, and the weights of the calls sum to 1.
+    experts' levels); ``steps``: the stored steps trained per group (default all); ``micro_batch``: the
+    most candidates per call (0: a whole group). Each group's weight is spread evenly over its trained
+    steps, and over its candidates in proportion to the micro-batch's share of them, so the weights of
+    the calls sum to 1 and the accumulated gradient is the whole batch's whatever the micro-batch.
     """
     steps = steps if steps is not None else [list(range(len(t.timesteps))) for t in trajectories]
     weights = weights if weights is not None else [1.0] * len(trajectories)
     total = sum(weights)
     if not total > 0:
         raise ValueError("the groups' weights sum to zero: nothing to learn from")
-    calls = [(t, j, a, w / total / len(s)) for t, a, w, s in zip(trajectories, advantages, weights, steps) for j in s]
+    calls = [(t, j, rows, a, w / total / len(s) * (rows.stop - rows.start) / len(a))
+             for t, a, w, s in zip(trajectories, advantages, weights, steps)
+             for j in s for rows in micro_batches(len(a), micro_batch)]
     totals = dict.fromkeys(("loss", "approx_kl", "kl_to_reference", "clip_fraction"), 0.0)
     ratios = []
-    for i, (trajectory, step, advantage, weight) in enumerate(calls):
-        terms = run_step(trajectory, step, advantage, weight, i == len(calls) - 1)
+    for i, (trajectory, step, rows, advantage, weight) in enumerate(calls):
+        terms = run_step(trajectory, step, rows, advantage, weight, i == len(calls) - 1)
         for key, value in zip(totals, (terms.loss, terms.approx_kl, terms.kl.mean(), terms.clipped.float().mean())):
             totals[key] += value.item() * weight
         ratios.append(terms.ratio)

@@ -424,8 +424,9 @@ class Policy:
             images += self.pipeline.image_processor.postprocess(pixels, output_type="pil")
         return images
 
-    def score_step(self, trajectory: Trajectory, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(log_prob (n,), mean, std)`` of the stored move at ``step`` under the current weights.
+    def score_step(self, trajectory: Trajectory, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(log_prob (n,), mean, std)`` of the stored move at ``step`` under the current weights,
+        for the candidates ``rows`` (all by default; an update's micro-batch otherwise).
 
         Gradients flow when called outside ``no_grad``. The batch is laid out exactly as in
         sampling, so unchanged weights give identical numbers. The mean is what the KL between two
@@ -434,7 +435,7 @@ class Policy:
         settings = trajectory.settings
         t = int(trajectory.timesteps[step])
         alpha_t, alpha_prev = step_alphas(self.scheduler, t, settings.steps)
-        x_t = trajectory.latents[:, step].to(self.device)
+        x_t = trajectory.latents[rows, step].to(self.device)
         eps = self.guided_epsilon(
             x_t,
             trajectory.timesteps[step].to(self.device),
@@ -443,7 +444,7 @@ class Policy:
             settings.guidance,
             alpha_t,
         )
-        x_prev = trajectory.latents[:, step + 1].to(self.device)
+        x_prev = trajectory.latents[rows, step + 1].to(self.device)
         _, log_prob, mean, std = ddim_step(eps, x_t, alpha_t, alpha_prev, settings.eta, prev_sample=x_prev)
         return log_prob, mean, std
 

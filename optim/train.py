@@ -284,10 +284,11 @@ class Trainer:
         """``config.epochs`` epochs over ``dataset``, sharded across processes, a checkpoint after each."""
         loader = DataLoader(dataset, batch_size=self.config.batch_size, shuffle=True, collate_fn=collate)
         loader = self.accelerator.prepare(loader)  # each process gets its own shard of every epoch
-        for _ in range(self.config.epochs):
-            self.epoch += 1
-            history = [self.optimizer_step(backward, batch) for batch in loader]
-            self.save(stage, len(dataset), history)
+        with self.policy.training():  # gradient checkpointing on a GPU, as in the room's updates
+            for _ in range(self.config.epochs):
+                self.epoch += 1
+                history = [self.optimizer_step(backward, batch) for batch in loader]
+                self.save(stage, len(dataset), history)
 
     def optimizer_step(self, backward, batch) -> dict:
         """Gradients of one batch, clipped, then one AdamW step; the metrics averaged over processes."""
@@ -321,9 +322,9 @@ class Trainer:
                                       steps=c.steps, guidance=c.guidance) for p in prompts]
         rewards = [selector_rewards(self.selector, s.images, p) for s, p in zip(samples, prompts)]
 
-        def run_step(trajectory, step, advantage, weight, last):
+        def run_step(trajectory, step, rows, advantage, weight, last):
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                terms = self.model(grpo_step, trajectory, step, advantage, c.grpo)
+                terms = self.model(grpo_step, trajectory, step, advantage, c.grpo, None, rows)
                 self.accelerator.backward(weight * terms.loss)
             return terms
 

@@ -181,7 +181,7 @@ def test_grpo_weighs_each_group_by_its_experts_levels_spread_over_its_trained_st
 
     seen = []
 
-    def run_step(trajectory, step, advantage, weight, last):
+    def run_step(trajectory, step, rows, advantage, weight, last):
         seen.append((step, weight, last))
         zero = torch.zeros(4)
         return optim.grpo.GRPOStepTerms(torch.tensor(1.0), torch.ones(4), zero, zero.bool(), torch.tensor(0.0), zero, 1.0)

@@ -13,8 +13,9 @@ owner to clear at start-up: ``remove_staging`` and ``set_aside``. Versions are n
 pickles: ``safetensors`` holds only tensors, so loading a version cannot run code.
 
 A version travels as a diffusers LoRA file (``export_diffusers_lora``): the same tensors with keys
-prefixed ``unet.`` and the adapter's rank, alpha and target layers in the file's metadata, which is
-what ``StableDiffusionPipeline.load_lora_weights`` reads (a file without the prefix loads nothing).
+prefixed ``unet.`` (``transformer.`` for SD 3 and FLUX) and the adapter's rank, alpha and target layers
+in the file's metadata, which is what the pipeline's ``load_lora_weights`` reads (a file without the
+prefix loads nothing).
 """
 
 from __future__ import annotations
@@ -86,14 +87,17 @@ class VersionStore:
         self.set_current(version.id)
         return version
 
-    def export_diffusers_lora(self, version_id: str, path: str | Path, adapter_config: dict) -> Path:
+    def export_diffusers_lora(self, version_id: str, path: str | Path, adapter_config: dict,
+                              pipeline_class: str = "StableDiffusionPipeline", component: str = "unet") -> Path:
         """Write ``version_id`` as a diffusers LoRA file at ``path`` (a ``.safetensors`` file), atomically.
 
         ``adapter_config``: the adapter's ``LoraConfig`` fields (``Policy.adapter_config()``); diffusers
         would otherwise take alpha = rank, and the scaling alpha / rank would differ for any other alpha.
-        Written by diffusers' own ``save_lora_weights``, so the format is the one ``load_lora_weights`` reads.
+        Written by diffusers' own ``save_lora_weights`` of ``pipeline_class`` for its ``component`` ("unet"
+        for SD and SDXL, "transformer" for SD 3 and FLUX: ``Policy.export_lora`` passes the family's), so
+        the format is the one that pipeline's ``load_lora_weights`` reads.
         """
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -101,8 +105,9 @@ class VersionStore:
         weights = {k: v.contiguous() for k, v in self.weights(version_id).items()}
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=weights, weight_name=path.name,
-                                                      unet_lora_adapter_metadata=dict(adapter_config))
+            getattr(diffusers, pipeline_class).save_lora_weights(
+                staging, weight_name=path.name, **{f"{component}_lora_layers": weights,
+                                                   f"{component}_lora_adapter_metadata": dict(adapter_config)})
             os.replace(staging / path.name, path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -177,11 +177,10 @@ class RoomAPI:
 
     def version_lora(self, caller: Caller, version_id: str) -> Path:
         """Any logged-in caller: a version as a diffusers LoRA file, which ``pipeline.load_lora_weights(path)``
-        loads into a ``StableDiffusionPipeline`` of the same base model (a few MB, read from the version store)."""
+        loads into a pipeline of the same base model and family (a few MB, read from the version store)."""
         name = f"{self.room.policy.model_path.name}-{version_id}-lora.safetensors"
         try:
-            return self.room.version_store.export_diffusers_lora(version_id, self.new_outbox_folder() / name,
-                                                                 self.room.policy.adapter_config())
+            return self.room.policy.export_lora(self.room.version_store, version_id, self.new_outbox_folder() / name)
         except KeyError as error:  # an unknown version: the message names the known ones
             raise ValueError(error.args[0]) from error
 

@@ -1,0 +1,462 @@
+"""The generator interface: what every model family offers the room, the updates, the page and the exports.
+
+A generator is a diffusers pipeline whose denoiser (a UNet or a transformer) carries LoRA adapters.
+Whatever the family, it is a policy over denoising chains:
+
+- ``sample`` draws a group of candidates in ONE batched run (guidance batched too) and records a
+  ``Trajectory``: the latents at every step, the timesteps, each step's log-probability (every step is
+  a Gaussian action, ``optim.generators.kernels``) and the prompt's conditioning. Each candidate has
+  its own seed (from the group seed) and its own random generator for the initial latent and every
+  step's noise, so one candidate can be re-drawn alone with ``seeds=[s]``.
+- ``score_step`` re-scores one stored step under the current weights (``log_probs``: every step); the
+  batch is laid out as in sampling, so with unchanged weights the ratio is exactly 1.
+- ``reference()``: the reference policy is the same network with its adapters disabled.
+- ``denoising_error``: the family's Diffusion-DPO error on noised clean latents (epsilon, v or
+  velocity target); ``encode_images`` / ``decode`` go between images and latents.
+- Versions are adapter weights (``lora_state_dict``, ``save_version``, ``use_version``) in a
+  ``VersionStore``; ``export_lora`` hands one out as the family's diffusers LoRA file.
+
+A family (``stable_diffusion.py``, ``sdxl.py``, ``flow.py``) says what differs: its pipeline class and
+how it is loaded, its text encoders and conditioning (``encode_condition``), its schedule and step
+kernel (``schedule``, ``step``), its LoRA target layers, its latent shape and its DPO error.
+
+Precision (``dtype``): the frozen networks run in bf16, fp16 or fp32; the LoRA weights stay fp32 (so do
+their optimizer states), and everything computed from a network's output (latents, the step, log-probs,
+KL, DPO errors) is fp32: each family casts the denoiser's input to the model's dtype and its output back
+to fp32 in one place. Sampling and re-scoring run the same casts on the same numbers, so the ratio
+before an update is exactly 1 in every dtype. Default: bf16 on a GPU that supports it, else fp16; fp32
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from optim.trajectory import Condition, SamplingSettings, Trajectory
+from optim.versions import Version, VersionStore
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "data" / "pretrained" / "generator"
+MAX_CANDIDATES = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DECODE_CHUNK = 8  # images per VAE decoder call: a group of 64 never decodes at once
+
+
+class ModelLoadError(ValueError):
+    """A model folder that is missing, not a diffusers pipeline, or of an unsupported kind."""
+
+
+@dataclass
+class Samples:
+    images: list[Image.Image]
+    trajectory: Trajectory
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    """Per-candidate seeds for a group: a prefix-stable stream, so n=2 gives the first two of n=4."""
+    stream = random.Random(seed)
+    return [stream.getrandbits(31) for _ in range(n)]
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The frozen networks' dtype: the one asked for, or bf16 (fp16 where bf16 is unsupported) on CUDA, fp32 elsewhere."""
+    if dtype is None:
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info logs from transformers and diffusers (before diffusers imports its image processors)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
+def _linear_in_input_dtype(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` with the weight cast to the input's dtype (a LoRA matrix: small, so the cast is cheap)."""
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class Generator:
+    """A diffusers pipeline with LoRA adapters on its denoiser, as a policy over denoising chains.
+
+    Subclasses (one per family) set the class attributes and implement the methods marked "family".
+    """
+
+    family = "generator"  # the README's name for the family
+    pipeline_classes: tuple[str, ...] = ()  # the model_index.json ``_class_name`` values it loads
+    pipeline_options: dict = {}  # extra ``from_pretrained`` arguments
+    denoiser_name = "unet"  # the pipeline component that carries the adapters
+    denoiser_label = "UNet"  # what messages call it
+    lora_targets: list[str] = []  # the adapted layers (name suffixes)
+
+    def __init__(self, pipeline, model_path: Path, device: torch.device, lora_rank: int = 4):
+        from peft import LoraConfig
+
+        self.pipeline = pipeline
+        self.model_path = model_path
+        self.device = device
+        self.denoiser = getattr(pipeline, self.denoiser_name)
+        self.vae = pipeline.vae
+        self.scheduler = self.make_scheduler(pipeline.scheduler)
+        pipeline.scheduler = self.scheduler
+        for module in pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        # LoRA starts with B = 0, so the adapted network is exactly the base network until trained. A is
+        # drawn from a normal with std 1/r ("gaussian", as ddpo-pytorch, Flow-GRPO and the diffusers DPO example do):
+        # peft's default kaiming-uniform A is 4x smaller here and shrinks with the layer width, which made
+        # every update move the images about ten times less for the same steps.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.denoiser.add_adapter(
+                LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=self.lora_targets)
+            )
+        self.dtype = self.denoiser.dtype
+        self._mixed_precision_adapters()
+        # Activations recomputed in backward instead of kept: on a GPU an update's memory is mostly
+        # activations; on the CPU memory is plentiful and recomputing only costs time.
+        self.gradient_checkpointing = device.type == "cuda"
+        self.initial_lora: dict | None = None  # {"file", "sha256"} of the diffusers LoRA the adapters started from
+        self.version: str | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4,
+             dtype: str | None = None, lora: str | Path | None = None, **options) -> "Generator":
+        """Load the embedded default (``model=None``) or a local diffusers folder of any supported family;
+        cuda when present. The family comes from ``model_index.json`` (``optim.generators.family_for``).
+
+        ``dtype``: "bf16", "fp16" or "fp32" for the frozen networks; None picks (see ``resolve_dtype``).
+        ``lora``: a diffusers LoRA file the adapters start from (``start_from_lora``). ``options``: the
+        family's own settings (the flow families' ``noise_level``).
+        """
+        from optim.generators import family_for
+
+        quiet_libraries()
+        path = Path(model) if model is not None else DEFAULT_MODEL
+        if model is None and not path.exists():
+            raise ModelLoadError(f"the embedded default model is missing at {path}; rebuild it with python -m optim.pretrain")
+        family = family_for(path)
+        if not issubclass(family, cls):
+            raise ModelLoadError(f"{path} holds a {family.family} model, not a {cls.family} one")
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipeline = family.load_pipeline(path, resolve_dtype(dtype, target))
+        if target.type == "cuda":  # TF32 matmuls and convolutions for what stays fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        pipeline.to(target)
+        pipeline.set_progress_bar_config(disable=True)
+        policy = family(pipeline, path.resolve(), target, lora_rank, **options)
+        if lora is not None:
+            policy.start_from_lora(lora)
+        return policy
+
+    @classmethod
+    def load_pipeline(cls, path: Path, torch_dtype: torch.dtype):
+        """The family's diffusers pipeline from a local folder, nothing downloaded."""
+        import diffusers
+
+        pipeline_class = getattr(diffusers, cls.pipeline_classes[0])
+        try:
+            return pipeline_class.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=torch_dtype,
+                                                  **cls.pipeline_options)
+        except (OSError, ValueError, TypeError) as error:
+            raise ModelLoadError(f"could not load the pipeline in {path}: {error}") from error
+
+    def make_scheduler(self, scheduler):
+        """family: the scheduler the step kernel reads (DDIM families replace the checkpoint's)."""
+        return scheduler
+
+    def _mixed_precision_adapters(self) -> None:
+        """Adapter WEIGHTS in fp32 (they and their optimizer states train there), adapter ARITHMETIC in the model's dtype.
+
+        peft creates the adapters in the base layers' dtype; they are made fp32 here. peft would then cast
+        every adapted layer's activations to fp32 and the sum back, which made half-precision sampling 1.5x
+        slower than diffusers' pipeline on an H100. Instead each LoRA matrix is cast to its input's dtype for
+        the product (as autocast does; gradients still reach the fp32 weights), and peft's input cast is off.
+        In an fp32 model nothing changes. Sampling and scoring do the same arithmetic, so the ratio stays 1.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        for parameter in self.lora_parameters():
+            parameter.data = parameter.data.float()
+        for layer in self.denoiser.modules():
+            matrices = [*layer.lora_A.values(), *layer.lora_B.values()] if isinstance(layer, LoraLayer) else []
+            if matrices and all(type(m) is torch.nn.Linear for m in matrices):  # conv adapters keep peft's casts
+                layer.cast_input_dtype_enabled = False
+                for matrix in matrices:
+                    matrix.forward = types.MethodType(_linear_in_input_dtype, matrix)
+
+    def start_from_lora(self, path: str | Path) -> None:
+        """Replace the fresh adapters by a diffusers LoRA file's: its rank, alpha, target layers and weights.
+
+        The file is read by diffusers' own ``load_lora_weights`` (so any format it reads works), then the
+        adapters are made fp32 and given the file's exact values (in a half-precision model they were
+        created in half). The policy's first version is then "base + this LoRA"; the reference policy
+        (adapters disabled) stays the base model. Text-encoder LoRA weights are refused: only the denoiser trains.
+        """
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"LoRA file not found: {path}")
+        try:
+            state = type(self.pipeline).lora_state_dict(str(path), use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not read the LoRA file {path}: {error}") from error
+        state = state[0] if isinstance(state, tuple) else state
+        prefix, label = f"{self.denoiser_name}.", self.denoiser_label
+        others = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
+        if others:
+            raise ModelLoadError(f"{path} also adapts {', '.join(others)}: the workbench trains the {label}'s adapters only; "
+                                 f"export a {label}-only LoRA")
+        if not state:
+            raise ModelLoadError(f"{path} holds no {label} LoRA weights (keys prefixed '{prefix}')")
+        weights = {key[len(prefix):]: value for key, value in state.items()}
+        if not any("lora_A" in key for key in weights):
+            weights = convert_unet_state_dict_to_peft(weights)
+        self.denoiser.delete_adapters("default")
+        try:
+            self.pipeline.load_lora_weights(str(path), adapter_name="default")
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"the LoRA file {path} does not fit the model {self.model_path}: {error}") from error
+        self._mixed_precision_adapters()
+        self.load_lora_state_dict(weights)
+        self.initial_lora = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    def adapter_config(self) -> dict:
+        """The adapters' rank, alpha and target layers: what a LoRA file needs beside its tensors."""
+        config = self.denoiser.peft_config["default"]
+        targets = config.target_modules
+        fields = {"r": config.r, "lora_alpha": config.lora_alpha,
+                  "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+        fields.update({name: dict(value) for name in ("rank_pattern", "alpha_pattern") if (value := getattr(config, name))})
+        return fields
+
+    def export_lora(self, store: VersionStore, version_id: str, path: str | Path) -> Path:
+        """A version as this family's diffusers LoRA file (what its pipeline's ``load_lora_weights`` reads)."""
+        return store.export_diffusers_lora(version_id, path, self.adapter_config(), pipeline_class=type(self.pipeline).__name__,
+                                           component=self.denoiser_name)
+
+    # ------------------------------------------------------------------ adapters and versions
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy: the same denoiser with its LoRA adapters disabled."""
+        self.denoiser.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.denoiser.enable_adapters()
+
+    @contextlib.contextmanager
+    def training(self):
+        """The span of an update: gradient checkpointing on the denoiser when ``gradient_checkpointing`` is set.
+
+        diffusers checkpoints its blocks whenever gradients are enabled, whatever ``train()`` says, so
+        the denoiser stays in eval mode (no dropout anywhere) and passes under ``no_grad`` (the reference,
+        the trust region) are unaffected. The previous setting comes back afterwards.
+        """
+        was = self.denoiser.is_gradient_checkpointing
+        if self.gradient_checkpointing and not was:
+            self.denoiser.enable_gradient_checkpointing()
+        try:
+            yield self
+        finally:
+            if not was and self.denoiser.is_gradient_checkpointing:
+                self.denoiser.disable_gradient_checkpointing()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for name, p in self.denoiser.named_parameters() if "lora_" in name]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.denoiser).items()}
+
+    def load_lora_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.denoiser, {k: v.to(self.device) for k, v in weights.items()})
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"adapter weights do not fit this model: unexpected keys such as {unexpected[0]}")
+
+    def save_version(self, store: VersionStore, algorithm: str | None = None, metrics: dict | None = None) -> Version:
+        """Save the current adapter weights as a new version (made current) and switch to it."""
+        version = store.save(
+            self.lora_state_dict(), parent=self.version, algorithm=algorithm, base_model=str(self.model_path), metrics=metrics
+        )
+        self.version = version.id
+        return version
+
+    def use_version(self, store: VersionStore, version_id: str) -> Version:
+        """Load the weights of ``version_id`` into the denoiser's adapters."""
+        version = store.get(version_id)
+        if version.base_model != str(self.model_path):
+            raise ValueError(
+                f"version {version_id} was trained on {version.base_model}, not on the loaded model {self.model_path}"
+            )
+        self._check_same_start(store)
+        self.load_lora_state_dict(store.weights(version_id))
+        self.version = version.id
+        return version
+
+    def open_versions(self, store: VersionStore) -> Version:
+        """Load the store's current version, creating ``v0`` in an empty store: the base model, or base + the
+        LoRA file the policy started from (recorded in its metrics as ``initial_lora``)."""
+        if store.current is None:
+            return self.save_version(store, algorithm=None, metrics={"initial_lora": self.initial_lora} if self.initial_lora else {})
+        return self.use_version(store, store.current)
+
+    def _check_same_start(self, store: VersionStore) -> None:
+        """A store's versions fit only adapters shaped like its first version's: refuse another starting LoRA."""
+        started = store.list()[0].metrics.get("initial_lora")
+        if (started or {}).get("sha256") != (self.initial_lora or {}).get("sha256"):
+            def describe(lora):
+                return f"the LoRA file {lora['file']}" if lora else "the base model (no LoRA file)"
+
+            hint = f"--lora {started['file']}" if started else "no --lora"
+            raise ModelLoadError(f"the versions in {store.root} start from {describe(started)}, but this model starts from "
+                                 f"{describe(self.initial_lora)}: start with {hint}, or use another work directory")
+
+    # ------------------------------------------------------------------ sampling and scoring
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str,
+        n: int = 4,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 5.0,
+        eta: float = 1.0,
+        seeds: list[int] | None = None,
+    ) -> Samples:
+        """Draw ``n`` candidates for ``prompt`` in one batched run, recording their trajectories."""
+        if not prompt or not prompt.strip():
+            raise ValueError("prompt is empty: describe the image to generate, e.g. 'CT: axial slice of the abdomen'")
+        seeds = list(seeds) if seeds is not None else candidate_seeds(seed, n)
+        if not 1 <= len(seeds) <= MAX_CANDIDATES:
+            raise ValueError(f"n must be between 1 and {MAX_CANDIDATES}, got {len(seeds)}")
+        settings = SamplingSettings(steps, guidance, eta)
+        settings.check()
+        chains = self.begin(prompt, seeds, settings)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = self.latent_shape()
+
+        def noise() -> torch.Tensor:  # one draw per candidate, from that candidate's own generator
+            return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+
+        latents = noise() * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        chain, log_probs = [latents], []
+        for j in range(len(chains.timesteps)):
+            latents, log_prob, _, std = self.step(chains, j, latents, noise=noise())
+            chain.append(latents)
+            log_probs.append(log_prob)
+            if std == 0:
+                chains.fixed_steps.append(j)
+        chains.latents = torch.stack(chain, dim=1)
+        chains.log_probs = torch.stack(log_probs, dim=1)
+        return Samples(self.decode(latents), chains)
+
+    def begin(self, prompt: str, seeds: list[int], settings: SamplingSettings) -> Trajectory:
+        """A group's trajectory before its first step: the conditioning and the schedule, no latents yet."""
+        positive, negative = self.encode_condition(prompt)
+        chains = Trajectory(prompt, seeds, settings, timesteps=torch.empty(0), latents=None, log_probs=None,
+                            prompt_embeds=positive.embeds, negative_embeds=negative.embeds,
+                            pooled_embeds=positive.pooled, negative_pooled_embeds=negative.pooled)
+        self.schedule(chains)
+        return chains
+
+    def score_step(self, trajectory: Trajectory, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(log_prob (n,), mean, std)`` of the stored move at ``step`` under the current weights,
+        for the candidates ``rows`` (all by default; an update's micro-batch otherwise).
+
+        Gradients flow when called outside ``no_grad``. The batch is laid out exactly as in
+        sampling, so unchanged weights give identical numbers. The mean is what the KL between two
+        policies' step kernels needs (they share the std).
+        """
+        x_t = trajectory.latents[rows, step].to(self.device)
+        x_prev = trajectory.latents[rows, step + 1].to(self.device)
+        _, log_prob, mean, std = self.step(trajectory, step, x_t, prev_sample=x_prev)
+        return log_prob, mean, std
+
+    @torch.no_grad()
+    def log_probs(self, trajectory: Trajectory) -> torch.Tensor:
+        """Re-score every stored step under the current weights: (n, T) (0 at deterministic steps)."""
+        return torch.stack([self.score_step(trajectory, j)[0] for j in range(len(trajectory.timesteps))], dim=1)
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Clean latents (N, C, h, w) of images at the model's size: DPO on imported pairs needs them."""
+        size = self.image_size()
+        pixels = self.pipeline.image_processor.preprocess([im.convert("RGB") for im in images], height=size, width=size)
+        latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean.float()
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return (latents if shift is None else latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Images from final latents, ``DECODE_CHUNK`` at a time: the decoder's activations at full
+        resolution are the largest tensors of sampling."""
+        shift = getattr(self.vae.config, "shift_factor", None)
+        images = []
+        for chunk in (latents / self.vae.config.scaling_factor).split(DECODE_CHUNK):
+            chunk = chunk if shift is None else chunk + shift
+            pixels = self.vae.decode(chunk.to(self.dtype)).sample.float()
+            images += self.pipeline.image_processor.postprocess(pixels, output_type="pil")
+        return images
+
+    # ------------------------------------------------------------------ what each family says
+
+    def encode_condition(self, prompt: str) -> tuple[Condition, Condition]:
+        """family: the prompt's and the empty prompt's conditioning, each a batch of one, fp32."""
+        raise NotImplementedError
+
+    def schedule(self, chains: Trajectory) -> None:
+        """family: set ``chains.timesteps`` (and a flow family's sigmas and noise level) for its settings."""
+        raise NotImplementedError
+
+    def step(self, chains: Trajectory, j: int, latents: torch.Tensor, noise: torch.Tensor | None = None,
+             prev_sample: torch.Tensor | None = None):
+        """family: step ``j`` of ``chains`` from ``latents`` under the current weights, guided as in sampling:
+        ``(x_prev, log_prob, mean, std)``; draws with ``noise`` or scores ``prev_sample``."""
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """family: one candidate's latent shape (C, h, w)."""
+        raise NotImplementedError
+
+    def image_size(self) -> int:
+        """family: the side in pixels the model draws (and ``encode_images`` resizes to)."""
+        raise NotImplementedError
+
+    def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                        condition: Condition | torch.Tensor) -> torch.Tensor:
+        """family: per-sample mean squared error of the denoiser's prediction on clean ``latents`` noised by
+        ``noise`` at training ``timesteps`` (ints in [0, num_train_timesteps)), fp32: Diffusion-DPO's error."""
+        raise NotImplementedError

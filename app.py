@@ -17,7 +17,10 @@ from optim.policy import DTYPES, ModelLoadError
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Serve the medical preference workbench.")
     parser.add_argument("--model", default=None, help="local diffusers folder (default: the embedded model)")
-    parser.add_argument("--selector", default=None, help="selector folder (default: the embedded selector)")
+    parser.add_argument("--selector", default=None,
+                        help="selector folder, trained on your ratings CSV (python -m workbench.selector train); "
+                             "'gates' for the rule gates alone (a new domain with no ratings yet); "
+                             "default: the embedded selector (CT, MRI, chest X-ray, OCT)")
     parser.add_argument("--workdir", default="runs/demo", help="where the store, blobs and versions live")
     parser.add_argument("--store-url", default=None, help="SQLAlchemy URL (default: SQLite in the work directory)")
     parser.add_argument("--auth", default=None, metavar="USERS_YAML",
@@ -28,6 +31,9 @@ def main(argv=None) -> int:
                         help="precision of the frozen networks (default: bf16, or fp16, on a GPU; fp32 on a CPU)")
     parser.add_argument("--lora", default=None, metavar="FILE",
                         help="a diffusers LoRA file (.safetensors) the first version starts from (base + this LoRA)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="DDIM steps of every group the room draws (ranking, training, /sample, A/B; default 20): "
+                             "fewer sample and train faster, where the model's images hold up at N")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve a non-loopback --host without --auth: everyone who reaches it is an admin")
     args = parser.parse_args(argv)
@@ -37,16 +43,21 @@ def main(argv=None) -> int:
               "or --insecure-no-auth if that is really meant", file=sys.stderr)
         return 2
 
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        print(f"error: --steps must be between 1 and 1000, got {args.steps}", file=sys.stderr)
+        return 2
+
     from workbench.api import RoomAPI
     from workbench.auth import Users, UsersFileError
-    from workbench.room import ControlRoom
+    from workbench.room import ControlRoom, RoomConfig
     from workbench.ui import serve
 
     try:
         users = None if args.auth is None else Users(args.auth)
+        config = RoomConfig() if args.steps is None else RoomConfig(steps=args.steps)
         room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
-                           auto_register=users is None, dtype=args.dtype, lora=args.lora)
-    except (ModelLoadError, UsersFileError) as error:
+                           auto_register=users is None, dtype=args.dtype, lora=args.lora, config=config)
+    except (ModelLoadError, UsersFileError, FileNotFoundError, ValueError) as error:  # a selector folder's too
         print(f"error: {error}", file=sys.stderr)
         return 2
     if users is None and not is_loopback(args.host):

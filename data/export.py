@@ -61,7 +61,7 @@ from PIL import Image
 from data.deid import Deidentifier, deidentify_file
 from data.files import write_atomically
 from data.images import write_secondary_capture
-from data.modalities import DICOM_MODALITY, canonical_modality
+from data.modalities import DICOM_MODALITY, modality_name
 from data.ratings import write_ratings
 
 CandidateId = str | int
@@ -263,9 +263,10 @@ def _write_ratings_zip(records: list[RankedGroupRecord], path: Path, secret: byt
         (root / "images").mkdir()
         rows = []
         for group in records:
-            modality = canonical_modality(group.modality)
-            if group.ratings and modality is None:
-                raise ValueError(f"group {group.group_id} has ratings but no known modality ({group.modality!r})")
+            modality = modality_name(group.modality or "")
+            if group.ratings and not modality:
+                raise ValueError(f"group {group.group_id} has ratings but no modality (its prompt names none: "
+                                 "start it with one, e.g. 'CT: ...')")
             candidates = {candidate.id: candidate for candidate in group.candidates}
             for rating in group.ratings:
                 if rating.candidate_id not in candidates:
@@ -290,7 +291,7 @@ def _write_dicom(path: Path, candidate: CandidateRecord, prompt: str, modality: 
         sixteen_bits = image.mode.startswith("I")  # 16-bit PNGs open as "I;16" or "I"
         pixels = np.asarray(image if sixteen_bits else image.convert("L"), dtype=np.float64)
     write_secondary_capture(path, pixels / (65535.0 if sixteen_bits else 255.0), prompt=prompt,
-                            model_version=candidate.model_version, modality=DICOM_MODALITY[modality])
+                            model_version=candidate.model_version, modality=DICOM_MODALITY.get(modality, "OT"))
     deidentify_file(path, path, deidentifier)
 
 

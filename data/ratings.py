@@ -2,7 +2,8 @@
 
 One row per rated image, columns ``image_path,rating,modality,expert_level,prompt`` (MINIM's
 layout). A rating on the configured scale (1-3 by default) becomes a score in [0, 1]; the expert
-level (1-3) is kept as given, for the trainer to use as a loss weight, never to change a label.
+level (1-3) is kept as given, for the trainer to use as a loss weight, never to change a label; the
+modality may be any name (a host's own domain: see ``RatingsConfig.modalities``).
 
 Experts edit these files in spreadsheets, so a faulty row must not cost them the rest of the file:
 ``read_ratings`` checks every row, keeps the good ones, and names each fault by the row number the
@@ -26,13 +27,16 @@ from typing import Iterable
 import pandas as pd
 
 from data.images import ImageReadError, read_image
-from data.modalities import MODALITIES, canonical_modality
+from data.modalities import modality_name
 
 #: The columns of a ratings file, in the order ``write_ratings`` writes them.
 COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")
 
 #: The columns of ``Ratings.rows``.
 ROW_COLUMNS = ("row", "image_path", "path", "rating", "score", "modality", "expert_level", "prompt")
+
+#: The longest modality name a ratings file may use (it becomes a prompt prefix and a label on the page).
+MAX_MODALITY_CHARS = 40
 
 #: The most a ratings zip may unpack to: entries, and bytes uncompressed (a zip bomb is refused unread).
 MAX_ARCHIVE_FILES = 20_000
@@ -41,11 +45,18 @@ MAX_ARCHIVE_BYTES = 4 * 1024**3
 
 @dataclass(frozen=True)
 class RatingsConfig:
-    """How to read a ratings file; the defaults are MINIM's 1-3 scale with every image decoded."""
+    """How to read a ratings file; the defaults are MINIM's 1-3 scale with every image decoded.
+
+    ``modalities``: None (default) takes any modality name, so a host's own domain (dermoscopy,
+    fundus ...) loads and a new selector learns its modalities from the file; the built-in four are
+    kept by their canonical names (``mr`` -> ``MRI``), others in lower case (``data.modalities``).
+    A tuple accepts only those names (a selector's), and a row with another is a fault naming them.
+    """
 
     rating_min: float = 1.0
     rating_max: float = 3.0
     check_images: bool = True  # decode every image (read_image) as part of validation
+    modalities: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not self.rating_max > self.rating_min:
@@ -135,7 +146,7 @@ def read_ratings(
     checks = {
         "image_path": lambda text: _image_path(text, root, config.check_images),
         "rating": lambda text: _rating(text, config),
-        "modality": _modality,
+        "modality": lambda text: _modality(text, config.modalities),
         "expert_level": _expert_level,
         "prompt": _prompt,
     }
@@ -240,10 +251,15 @@ def _expert_level(text: str) -> int:
     return int(value)
 
 
-def _modality(text: str) -> str:
-    modality = canonical_modality(text)
-    if modality is None:
-        raise _Invalid(f"{text!r} is not a known modality; use one of {', '.join(MODALITIES)}")
+def _modality(text: str, known: tuple[str, ...] | None) -> str:
+    modality = modality_name(text)
+    if not modality:
+        raise _Invalid("empty")
+    if len(modality) > MAX_MODALITY_CHARS or not modality.isprintable() or ":" in modality:
+        raise _Invalid(f"{text.strip()[:60]!r} is not a modality name (at most {MAX_MODALITY_CHARS} printable "
+                       "characters, no ':')")
+    if known is not None and modality not in known:
+        raise _Invalid(f"{text.strip()!r} is not a modality the selector knows; use one of {', '.join(known)}")
     return modality
 
 

@@ -134,6 +134,9 @@ class SelectorFeatures:
     @torch.no_grad()
     def __call__(self, images: Sequence) -> torch.Tensor:
         net, captured = self.selector.net, []
+        if net is None:
+            raise ValueError("the 'selector' features need a selector network; the rule gates alone (--selector gates) "
+                             "have none: use the 'latents' or 'pixels' features")
         # The trunk's output as the network computes it in its own forward pass, input scaling included.
         hook = net.features.register_forward_hook(lambda module, inputs, output: captured.append(output))
         try:

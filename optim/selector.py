@@ -7,9 +7,16 @@ should reach the ranking page. For each image and its prompt the selector return
    little dynamic range, too much clipping to black or white, a wrong size or shape.
 2. A small network with two heads, trained on the experts' ratings CSV
    (``python -m workbench.selector train``, see ``optim/selector_training.py``):
-   a quality score in [0, 1] and the probability of each modality.
-3. The modality check: the prompt's modality, read from its prefix (``CT:``, ``OCT:`` ...) or
-   given explicitly, must have probability at least ``min_modality_probability``.
+   a quality score in [0, 1] and the probability of each modality the CSV names. The modality head
+   is sized from the CSV, and the names (``Selector.modalities``) are saved with the weights (in
+   ``selector.json`` and in the safetensors metadata), so a host's dermoscopy or fundus selector
+   knows dermoscopy and fundus, and the shipped one knows CT, MRI, chest X-ray and OCT.
+3. The modality check: the prompt's modality, read from its prefix (``CT:``, ``Fundus:`` ...) or
+   given explicitly, must have probability at least ``min_modality_probability``. A prefix the
+   selector does not know is no modality to it: such prompts get the gates and the quality check.
+
+``Selector.load("gates")`` (``--selector gates``) is the rule gates alone, with no network: for a new
+domain with no ratings yet. Its verdicts have no quality and no modality probabilities.
 
 Reasons are written for the expert, e.g. ``quality 0.21 below 0.50`` or
 ``looks like chest X-ray (0.93); prompt asks for CT``. The selector sees only the image and the
@@ -32,11 +39,12 @@ from PIL import Image
 from torch import nn
 
 from data.images import MedicalImage, rgb_to_gray, to_display
-from data.modalities import MODALITIES, MODALITY_NAMES, canonical_modality, modality_of_prompt
+from data.modalities import MODALITIES, display_name, modality_name, modality_of_prompt
 
 DEFAULT_SELECTOR = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "selector"
 WEIGHTS_FILE = "selector.safetensors"
 CONFIG_FILE = "selector.json"
+GATES = "gates"  # the selector name (``--selector gates``) of the rule gates alone
 
 
 @dataclass
@@ -63,9 +71,11 @@ class Verdict:
 
     def summary(self) -> str:
         """One line for a table or a log."""
+        if self.passed and self.quality is None:
+            return "passed the rule gates"
         if self.passed:
             best = max(self.modality_probabilities, key=self.modality_probabilities.get)
-            return f"passed: quality {self.quality:.2f}, {MODALITY_NAMES[best]} {self.modality_probabilities[best]:.2f}"
+            return f"passed: quality {self.quality:.2f}, {display_name(best)} {self.modality_probabilities[best]:.2f}"
         return "rejected: " + "; ".join(self.reasons)
 
 
@@ -139,40 +149,84 @@ def network_input(arrays: list[np.ndarray], size: int) -> torch.Tensor:
 
 
 class Selector:
-    def __init__(self, net: SelectorNet, config: SelectorConfig | None = None, report: dict | None = None):
-        self.net = net.eval()
+    def __init__(self, net: SelectorNet | None, config: SelectorConfig | None = None, report: dict | None = None,
+                 modalities: tuple[str, ...] = MODALITIES, name: str = "selector"):
+        """``net`` None: the rule gates alone. ``modalities``: the names of the modality head's outputs."""
+        if net is not None and net.modality.out_features != len(modalities):
+            raise ValueError(f"the modality head has {net.modality.out_features} outputs but {len(modalities)} "
+                             f"modalities are named ({', '.join(modalities)})")
+        self.net = net.eval() if net is not None else None
         self.config = config or SelectorConfig()
         self.report = report or {}  # the validation report written at training time
+        self.modalities = tuple(modalities) if net is not None else ()
+        self.name = name  # where it came from, for the page: a folder, "the embedded selector" or GATES
+
+    @classmethod
+    def gates_only(cls, config: SelectorConfig | None = None) -> "Selector":
+        """The rule gates with no network: no quality score, no modality check (a new domain with no ratings yet)."""
+        return cls(None, config, name=GATES)
 
     @classmethod
     def load(cls, folder: str | Path | None = None, config: SelectorConfig | None = None) -> "Selector":
-        """Load weights (safetensors only) and settings; ``None`` is the embedded default selector."""
+        """Load weights (safetensors only) and settings; ``None`` is the embedded default selector and
+        ``"gates"`` the rule gates alone. The modality names come from ``selector.json`` (and must match
+        the head's size and the names in the weights file's metadata, when it has them)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        if folder is not None and str(folder) == GATES:
+            return cls.gates_only(config)
         folder = Path(folder) if folder is not None else DEFAULT_SELECTOR
         weights, settings = folder / WEIGHTS_FILE, folder / CONFIG_FILE
         if not weights.is_file() or not settings.is_file():
             raise FileNotFoundError(f"{folder} is not a selector folder: expected {WEIGHTS_FILE} and {CONFIG_FILE}")
         meta = json.loads(settings.read_text())
-        if meta.get("modalities") != list(MODALITIES):
-            raise ValueError(f"{folder}: selector trained for modalities {meta.get('modalities')}, this workbench uses {list(MODALITIES)}")
-        net = SelectorNet(meta["channels"])
-        net.load_state_dict(load_file(weights))
-        return cls(net, config or SelectorConfig(**meta["config"]), meta.get("report"))
+        modalities = meta.get("modalities")
+        if not modalities or not all(isinstance(m, str) and m for m in modalities):
+            raise ValueError(f"{settings}: 'modalities' must list the modality head's names, got {modalities!r}")
+        with safe_open(weights, "pt") as handle:
+            stored = (handle.metadata() or {}).get("modalities")
+        if stored is not None and json.loads(stored) != modalities:
+            raise ValueError(f"{settings} names the modalities {modalities} but {weights} was saved with {json.loads(stored)}")
+        state = load_file(weights)
+        head = state["modality.weight"].shape[0]
+        if head != len(modalities):
+            raise ValueError(f"{settings} names {len(modalities)} modalities but the modality head in {weights} has {head} outputs")
+        net = SelectorNet(meta["channels"], modalities=head)
+        net.load_state_dict(state)
+        name = "the embedded selector" if folder == DEFAULT_SELECTOR else str(folder)
+        return cls(net, config or SelectorConfig(**meta["config"]), meta.get("report"), tuple(modalities), name)
 
     def save(self, folder: str | Path, channels: int) -> Path:
         from safetensors.torch import save_file
 
+        if self.net is None:
+            raise ValueError("the rule gates alone have no weights to save")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, folder / WEIGHTS_FILE)
-        meta = {"modalities": list(MODALITIES), "channels": channels, "config": asdict(self.config), "report": self.report}
+        names = list(self.modalities)
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, folder / WEIGHTS_FILE,
+                  metadata={"modalities": json.dumps(names)})
+        meta = {"modalities": names, "channels": channels, "config": asdict(self.config), "report": self.report}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 
+    def describe(self) -> str:
+        """Which selector this is and what it checks, in one line for the page."""
+        c = self.config
+        gates = (f"rule gates (non-finite pixels, blank, contrast below {c.min_dynamic_range:g}, over "
+                 f"{c.max_clipped_fraction:.0%} clipped, under {c.min_side} px a side or aspect over {c.max_aspect:g})")
+        if self.net is None:
+            return f"{GATES}: the {gates} alone; no quality score and no modality check (`--selector gates`)"
+        trained = self.report.get("ratings")
+        source = f"{self.name}" + (f", trained on {Path(trained).name}" if trained else "")
+        prefixes = ", ".join(f"{display_name(m)}:" for m in self.modalities)
+        return (f"{source}: the {gates}, quality at least {c.quality_threshold:.2f}, and, for prompts starting with "
+                f"{prefixes}, that modality at least {c.min_modality_probability:.2f} likely")
+
     @torch.no_grad()
     def scores(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Quality (N,) and modality probabilities (N, M) for [0, 1] images, in one network call."""
+        """Quality (N,) and modality probabilities (N, M) for [0, 1] images, in one network call (not for the gates alone)."""
         quality_logits, modality_logits = self.net(network_input(arrays, self.config.input_size))
         return torch.sigmoid(quality_logits).numpy(), torch.softmax(modality_logits, dim=1).numpy()
 
@@ -182,27 +236,31 @@ class Selector:
         arrays = [as_unit_array(image) for image in images]
         gates = [gate_reasons(array, self.config) for array in arrays]
         scorable = [i for i, array in enumerate(arrays) if array.ndim == 2 and np.isfinite(array).all()]
+        scorable = scorable if self.net is not None else []  # the gates alone score nothing
         quality, probabilities = self.scores([arrays[i] for i in scorable]) if scorable else ([], [])
         verdicts = []
         for i, reasons in enumerate(gates):
-            if i not in scorable:
-                verdicts.append(Verdict(False, None, {}, asked, reasons))
+            if i not in scorable:  # the gates alone, or pixels no network can score (a gate names why)
+                verdicts.append(Verdict(not reasons, None, {}, asked, reasons))
                 continue
             row = scorable.index(i)
-            q, p = float(quality[row]), {m: float(v) for m, v in zip(MODALITIES, probabilities[row])}
+            q, p = float(quality[row]), {m: float(v) for m, v in zip(self.modalities, probabilities[row])}
             if q < self.config.quality_threshold:
                 reasons.append(f"quality {q:.2f} below {self.config.quality_threshold:.2f}")
             if asked is not None and p[asked] < self.config.min_modality_probability:
                 seen = max(p, key=p.get)
-                reasons.append(f"looks like {MODALITY_NAMES[seen]} ({p[seen]:.2f}); prompt asks for {MODALITY_NAMES[asked]}")
+                reasons.append(f"looks like {display_name(seen)} ({p[seen]:.2f}); prompt asks for {display_name(asked)}")
             verdicts.append(Verdict(not reasons, q, p, asked, reasons))
         return verdicts
 
-    @staticmethod
-    def _asked_modality(prompt: str | None, modality: str | None) -> str | None:
+    def _asked_modality(self, prompt: str | None, modality: str | None) -> str | None:
+        """The modality to check: the one given (which this selector must know), else the prompt's prefix
+        when it names one this selector knows; the gates alone check none."""
+        if self.net is None:
+            return None
         if modality is not None:
-            asked = canonical_modality(modality)
-            if asked is None:
-                raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+            asked = modality_name(modality)
+            if asked not in self.modalities:
+                raise ValueError(f"unknown modality {modality!r}; this selector knows {', '.join(self.modalities)}")
             return asked
-        return modality_of_prompt(prompt) if prompt else None
+        return modality_of_prompt(prompt, self.modalities) if prompt else None

@@ -12,6 +12,10 @@ What the earlier selector got wrong, and what is done here instead:
   teach the quality head only, and modality accuracy is measured on held-out images that pass them.
 - The validation split is by IMAGE, not by row: an image rated by two experts is never on both
   sides, so the report is not flattered by images the network has seen.
+- The modalities are the CSV's own (``data.modalities.modality_name``): the built-in four first, in
+  their order, then the others alphabetically; the modality head has one output per name and the
+  names are saved with the weights. A new name shown by fewer than ``min_modality_images`` images
+  cannot be learned and is often a misspelling: its rows are reported as faults and left out.
 
 The report: Spearman correlation of the quality score with the held-out ratings (rows whose image
 matches its prompt's modality), Spearman of the combined score quality x P(asked modality) on all
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 from data.images import read_image, to_display
 from data.modalities import MODALITIES, modality_of_prompt
-from data.ratings import RatingsConfig, read_ratings
+from data.ratings import RatingsConfig, RowError, read_ratings
 from optim.selector import Selector, SelectorConfig, SelectorNet, gate_reasons, network_input
 
 
@@ -46,6 +50,7 @@ class TrainingConfig:
     seed: int = 0
     rating_min: float = 1.0
     rating_max: float = 3.0
+    min_modality_images: int = 3  # fewer images of a new modality name: its rows are faults (too few to learn; a typo?)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Examples:
     """Unique images once, and the rating rows that point at them."""
 
     images: torch.Tensor  # (I, 1, S, S) on the [0, 1] display scale
-    modality: torch.Tensor  # (I,) index into MODALITIES: what the image shows
+    modality: torch.Tensor  # (I,) index into ``modalities``: what the image shows
     gates_pass: torch.Tensor  # (I,) bool: the image passes the rule-based gates (so it shows a modality)
     row_image: torch.Tensor  # (R,) index into images
     score: torch.Tensor  # (R,) normalised rating in [0, 1]
@@ -61,34 +66,48 @@ class Examples:
     weight: torch.Tensor  # (R,) expert level, the quality loss weight
     prompt_matches: torch.Tensor  # (R,) bool: the image shows the modality the prompt asks for
     asked: torch.Tensor  # (R,) index of the prompt's modality, -1 when it names none
+    modalities: tuple[str, ...] = MODALITIES  # the modality head's names, from the CSV
 
     def rows(self, images: set[int]) -> torch.Tensor:
         return torch.tensor([r for r, i in enumerate(self.row_image.tolist()) if i in images], dtype=torch.long)
 
 
 def load_examples(csv_path, data_root, config: TrainingConfig, gates: SelectorConfig) -> tuple[Examples, list[str]]:
-    """Read and validate the CSV (bad rows reported, not fatal) and decode each image once."""
-    ratings = read_ratings(csv_path, data_root, RatingsConfig(config.rating_min, config.rating_max))
-    rows = ratings.rows
+    """Read and validate the CSV (bad rows reported, not fatal) and decode each image once.
+
+    A new selector: any modality name is accepted, and the modalities are the CSV's own."""
+    ratings = read_ratings(csv_path, data_root, RatingsConfig(config.rating_min, config.rating_max, modalities=None))
+    rows, errors = ratings.rows, list(ratings.errors)
+    images_per_modality = rows.groupby("modality")["path"].nunique()
+    rare = images_per_modality[(images_per_modality < config.min_modality_images)
+                               & ~images_per_modality.index.isin(MODALITIES)]  # the built-in names are no misspelling
+    for row, modality in rows.loc[rows["modality"].isin(rare.index), ["row", "modality"]].itertuples(index=False):
+        errors.append(RowError(row, "modality", f"{modality!r} is shown by only {rare[modality]} image(s); a modality "
+                                                f"needs at least {config.min_modality_images} to be learned (a misspelling?)"))
+    rows = rows[~rows["modality"].isin(rare.index)]
     if len(rows) == 0:
-        raise ValueError(f"{csv_path}: no usable rows to train on\n{ratings.report()}")
+        report = "\n".join(f"  {e}" for e in sorted(errors, key=lambda e: e.row))
+        raise ValueError(f"{csv_path}: no usable rows to train on\n{report}")
+    seen = set(rows["modality"])
+    modalities = tuple(m for m in MODALITIES if m in seen) + tuple(sorted(seen - set(MODALITIES)))
     paths = sorted(set(rows["path"]))
     index = {path: i for i, path in enumerate(paths)}
     shown = rows.groupby("path")["modality"].first()
-    asked = [modality_of_prompt(p) for p in rows["prompt"]]
+    asked = [modality_of_prompt(p, modalities) for p in rows["prompt"]]
     arrays = [to_display(read_image(p)) for p in paths]
     examples = Examples(
         images=network_input(arrays, gates.input_size),
-        modality=torch.tensor([MODALITIES.index(shown[p]) for p in paths]),
+        modality=torch.tensor([modalities.index(shown[p]) for p in paths]),
         gates_pass=torch.tensor([not gate_reasons(a, gates) for a in arrays]),
         row_image=torch.tensor([index[p] for p in rows["path"]]),
         score=torch.tensor(rows["score"].to_numpy(), dtype=torch.float32),
         rating=rows["rating"].to_numpy(dtype=float),
         weight=torch.tensor(rows["expert_level"].to_numpy(), dtype=torch.float32),
         prompt_matches=torch.tensor([a is None or a == m for a, m in zip(asked, rows["modality"])]),
-        asked=torch.tensor([MODALITIES.index(a) if a else -1 for a in asked]),
+        asked=torch.tensor([modalities.index(a) if a else -1 for a in asked]),
+        modalities=modalities,
     )
-    return examples, [str(e) for e in ratings.errors]
+    return examples, [str(e) for e in sorted(errors, key=lambda e: e.row)]
 
 
 def split_images(count: int, fraction: float, seed: int) -> tuple[set[int], set[int]]:
@@ -147,7 +166,7 @@ def train_selector(csv_path, out, config: TrainingConfig = TrainingConfig(), dat
     examples, row_errors = load_examples(csv_path, data_root, config, selector_config)
     train_images, held_images = split_images(len(examples.images), config.val_fraction, config.seed)
     train_rows = examples.rows(train_images)
-    net = SelectorNet(config.channels)
+    net = SelectorNet(config.channels, modalities=len(examples.modalities))
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     generator = torch.Generator().manual_seed(config.seed)
@@ -165,12 +184,13 @@ def train_selector(csv_path, out, config: TrainingConfig = TrainingConfig(), dat
             total += loss.item() * len(batch)
         schedule.step()
         progress.set_postfix(loss=f"{total / len(train_rows):.3f}")
-    selector = Selector(net.eval(), selector_config)
+    selector = Selector(net.eval(), selector_config, modalities=examples.modalities)
     report = validation_report(selector, examples, held_images)
     report.update(
         ratings=str(csv_path),
         training_images=len(train_images),
         training_rows=len(train_rows),
+        modalities=list(examples.modalities),
         rejected_csv_rows=row_errors,
         training=asdict(config),
     )

@@ -66,7 +66,7 @@ from data.ratings import read_ratings
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.policy import DTYPES, ModelLoadError, Policy
-from optim.selector import Selector
+from optim.selector import GATES, Selector
 
 ALGORITHMS = ("dpo", "grpo")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -104,6 +104,9 @@ class TrainConfig:
             raise ValueError("--algorithm dpo needs --data FILE.parquet (Pick-a-Pic format) or --data RATINGS.csv")
         if self.algorithm == "grpo" and not self.prompts:
             raise ValueError("--algorithm grpo needs --prompts FILE.txt (one prompt a line)")
+        if self.algorithm == "grpo" and self.selector == GATES:
+            raise ValueError("GRPO's reward is the selector's quality score, and the rule gates alone (--selector gates) "
+                             "give none: train a selector on your ratings (python -m workbench.selector train)")
         if self.two_stage and self.algorithm != "dpo":
             raise ValueError("--two-stage filters preference pairs: it needs --algorithm dpo")
         if self.epochs < 1 or self.batch_size < 1 or self.group_size < 2:
@@ -409,7 +412,8 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--beta", type=float, default=d.dpo.beta, help="DPO beta, with the paper's 0.5 factor")
     parser.add_argument("--loss-type", choices=LOSS_TYPES, default=d.dpo.loss_type)
     parser.add_argument("--two-stage", action="store_true", help="then train again on selector-passed pairs only")
-    parser.add_argument("--selector", help="selector folder (default: the embedded selector)")
+    parser.add_argument("--selector", help="selector folder (default: the embedded selector); 'gates' for the rule "
+                        "gates alone (--two-stage only: GRPO's reward is the selector's quality)")
     parser.add_argument("--group-size", type=int, default=d.group_size, help="grpo: candidates per prompt")
     parser.add_argument("--steps", type=int, default=d.steps, help="grpo: sampling steps")
     parser.add_argument("--guidance", type=float, default=d.guidance, help="grpo: guidance while sampling")

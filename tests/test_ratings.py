@@ -46,7 +46,7 @@ def test_every_fault_is_reported_by_row_and_column_and_good_rows_load(study, tmp
         "images/ct.png,abc,CT,1,CT: x,",  # 8
         "images/ct.png,2,CT,4,CT: x,",  # 9
         "images/ct.png,2,CT,1,   ,",  # 10
-        "images/ct.png,2,PET,1,PET: x,",  # 11
+        '"images/ct.png",2,"PET: x",1,PET: x,',  # 11: the prompt pasted into the modality column (any name is a modality)
         "images/nope.png,2,CT,1,CT: x,",  # 12
         "images/broken.png,2,CT,1,CT: x,",  # 13
         "images/ct.png,2,CT,1,CT: x,note,surplus",  # 14: ragged
@@ -68,7 +68,7 @@ def test_every_fault_is_reported_by_row_and_column_and_good_rows_load(study, tmp
         "row 8: rating: 'abc' is not a number",
         "row 9: expert_level: '4' is not 1, 2 or 3",
         "row 10: prompt: empty",
-        "row 11: modality: 'PET' is not a known modality; use one of CT, MRI, XRAY, OCT",
+        "row 11: modality: 'PET: x' is not a modality name (at most 40 printable characters, no ':')",
         "row 12: image_path: file not found",
         "row 13: image_path: not a readable image (image file is truncated)",
         "row 14: row: 7 fields, but the header has 6",

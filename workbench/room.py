@@ -102,10 +102,11 @@ class ControlRoom:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = config or RoomConfig()
+        judge = Selector.load(selector)  # a folder, None (the embedded one) or "gates"; before the model: a bad one fails fast
         self.policy = Policy.load(model, dtype=dtype, lora=lora)  # dtype: bf16 | fp16 | fp32; lora: a diffusers LoRA to start from
         self.version_store = VersionStore(self.workdir / "versions")
         self.store = Store(self.workdir, store_url)
-        self.sampler = RejectionSampler(self.policy, Selector.load(selector), SamplerConfig(
+        self.sampler = RejectionSampler(self.policy, judge, SamplerConfig(
             self.config.survivors, self.config.batch_size, self.config.max_draws))
         self.model_lock = threading.Lock()
         self.imports = self.workdir / "imports"  # ratings zips unpack here; emptied at each start (a kill leaves files)
@@ -428,7 +429,7 @@ class ControlRoom:
                 [CandidateRecord(c["id"], self.store.blobs.get(c["image"]), group["version"])
                  for c in group["candidates"] if c["passed"]],
                 [RankingRecord(str(r["id"]), r["expert"], r["level"], r["tiers"], _when(r["created_at"])) for r in rankings],
-                modality_of_prompt(group["prompt"]),
+                modality_of_prompt(group["prompt"], known=None),  # any prefix: a host's own modalities too
                 tuple(RatingRecord(cid, r["expert"], r["level"], value)
                       for r in rankings for cid, value in (r["ratings"] or {}).items()),
             ))
@@ -449,7 +450,7 @@ class ControlRoom:
                 group["id"], group["prompt"],
                 [CandidateRecord(c["id"], self.store.blobs.get(c["image"]), group["version"]) for c in group["candidates"]],
                 [RankingRecord(f"ai-{group['id']}", AI_RANKER, 0, tiers, _when(group["created_at"]), source="ai")],
-                modality_of_prompt(group["prompt"])))
+                modality_of_prompt(group["prompt"], known=None)))
         return records
 
     def _ab_records(self) -> list[ABJudgementRecord]:

@@ -14,7 +14,7 @@ import json
 import sys
 
 from data.images import ImageReadError, read_image
-from data.modalities import MODALITY_NAMES
+from data.modalities import display_name
 from optim.selector import Selector
 from optim.selector_training import TrainingConfig, train_selector
 
@@ -33,8 +33,8 @@ def _score_command(args) -> int:
             failed += 1
             continue
         verdict = selector.judge([image], prompt=args.prompt, modality=args.modality)[0]
-        probabilities = ", ".join(f"{MODALITY_NAMES[m]} {p:.2f}" for m, p in verdict.modality_probabilities.items())
-        print(f"{path}: {verdict.summary()} [{probabilities}]")
+        probabilities = ", ".join(f"{display_name(m)} {p:.2f}" for m, p in verdict.modality_probabilities.items())
+        print(f"{path}: {verdict.summary()}" + (f" [{probabilities}]" if probabilities else ""))
     return 1 if failed else 0
 
 
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workbench.selector", description="Train or run the selector.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train on a ratings CSV and write weights and a validation report")
-    train.add_argument("--ratings", required=True, help="ratings CSV: image_path,rating,modality,expert_level,prompt")
+    train.add_argument("--ratings", required=True, help="ratings CSV: image_path,rating,modality,expert_level,prompt; "
+                       "the selector learns the modalities it names")
     train.add_argument("--out", required=True, help="folder for selector.safetensors and selector.json")
     train.add_argument("--data-root", default=None, help="folder image paths resolve in (default: the CSV's folder)")
     train.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
@@ -51,9 +52,9 @@ def main(argv=None) -> int:
     train.add_argument("--rating-max", type=float, default=3.0)
     score = commands.add_parser("score", help="judge image files")
     score.add_argument("images", nargs="+")
-    score.add_argument("--model", default=None, help="selector folder (default: the embedded one)")
+    score.add_argument("--model", default=None, help="selector folder (default: the embedded one), or 'gates' for the rule gates alone")
     score.add_argument("--prompt", default=None, help="the prompt the images were drawn for")
-    score.add_argument("--modality", default=None, help="or the modality they should show (CT, MRI, XRAY, OCT)")
+    score.add_argument("--modality", default=None, help="or the modality they should show (one the selector knows, e.g. CT)")
     args = parser.parse_args(argv)
     try:
         if args.command == "score":

@@ -97,6 +97,7 @@ def build_page(api: RoomAPI) -> gr.Blocks:
             with gr.Accordion("Prompt queue: Next (n) takes a stored group waiting for you, else the first line", open=False):
                 queue = gr.Textbox(value="\n".join(all_prompts()), lines=6, show_label=False)
             next_button = gr.Button("Next (n)", elem_id="rank-next")
+            gr.Markdown(f"**Selector:** {room.sampler.selector.describe()}", elem_id="selector-info")
             status = gr.Markdown()
             images, ratings, columns, picks = [], [], [], []
             for row in range(0, SLOTS, 4):

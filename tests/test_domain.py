@@ -1,0 +1,179 @@
+"""A host's own domain: modalities come from the ratings CSV a selector is trained on, and the rule
+gates alone (``--selector gates``) serve a domain with no ratings yet."""
+
+import csv
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from data.images import write_png
+from data.modalities import MODALITIES, modality_name, modality_of_prompt
+from data.phantoms import make_phantom
+from data.ratings import RatingsConfig, read_ratings, write_ratings
+from optim.selector import GATES, Selector
+from optim.selector_training import TrainingConfig, train_selector
+from tests.conftest import FAST
+from workbench.room import ControlRoom, RoomConfig
+
+
+@pytest.fixture(scope="module")
+def derm_csv(tmp_path_factory):
+    """A host's ratings: 6 'dermoscopy' and 6 'Fundus' images (phantoms standing in), and one row
+    whose modality is a misspelling on a single image."""
+    root = tmp_path_factory.mktemp("derm")
+    rows = []
+    for k in range(6):
+        for kind, phantom, prompt in (("dermoscopy", "CT", "Dermoscopy: pigmented lesion"),
+                                      ("Fundus", "OCT", "fundus: optic disc")):
+            path = write_png(root / f"{kind}_{k}.png", make_phantom(phantom, k).image)
+            rows.append({"image_path": path.name, "rating": 1 + k % 3, "modality": kind, "expert_level": 2, "prompt": prompt})
+    typo = write_png(root / "typo.png", make_phantom("CT", 9).image)
+    rows.append({"image_path": typo.name, "rating": 3, "modality": "dermoscpy", "expert_level": 1,
+                 "prompt": "Dermoscopy: nevus"})
+    return write_ratings(rows, root / "ratings.csv")
+
+
+@pytest.fixture(scope="module")
+def derm_selector(derm_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("selector")
+    report = train_selector(derm_csv, out, TrainingConfig(epochs=2, val_fraction=0.25))
+    return out, report
+
+
+def test_a_hosts_modalities_load_from_its_ratings_csv_and_a_fixed_list_names_the_row_and_field(tmp_path):
+    for k, name in enumerate(("a", "b")):
+        write_png(tmp_path / f"{name}.png", make_phantom("CT", k).image)
+    (tmp_path / "ratings.csv").write_text(
+        "image_path,rating,modality,expert_level,prompt\n"
+        "a.png,2, Dermoscopy ,1,Dermoscopy: lesion\n"
+        "b.png,3,mr,2,MRI: brain\n"
+        "a.png,2,fundus: photo,1,x\n"
+        f"b.png,2,{'m' * 41},1,x\n"
+        "a.png,2,,1,x\n", encoding="utf-8")
+    ratings = read_ratings(tmp_path / "ratings.csv")
+    assert ratings.rows["modality"].tolist() == ["dermoscopy", "MRI"]  # other names in lower case, known ones canonical
+    assert [str(e) for e in ratings.errors] == [
+        "row 4: modality: 'fundus: photo' is not a modality name (at most 40 printable characters, no ':')",
+        f"row 5: modality: '{'m' * 41}' is not a modality name (at most 40 printable characters, no ':')",
+        "row 6: modality: empty",
+    ]
+    fixed = read_ratings(tmp_path / "ratings.csv", config=RatingsConfig(modalities=MODALITIES))
+    assert [str(e) for e in fixed.errors][0] == (
+        "row 2: modality: 'Dermoscopy' is not a modality the selector knows; use one of CT, MRI, XRAY, OCT")
+    assert fixed.rows["modality"].tolist() == ["MRI"]
+
+
+def test_prompts_name_a_modality_the_selector_knows():
+    assert modality_name("  Fundus   Photo ") == "fundus photo" and modality_name("DX") == "XRAY"
+    assert modality_of_prompt("Fundus photo: optic disc", ("fundus photo",)) == "fundus photo"
+    assert modality_of_prompt("Fundus: optic disc") is None  # not one of the built-in four
+    assert modality_of_prompt("CT: liver", ("dermoscopy",)) is None
+    assert modality_of_prompt("Dermoscopy: lesion", known=None) == "dermoscopy"  # any prefix
+
+
+def test_a_new_selector_learns_the_csvs_modalities_and_keeps_them_with_its_weights(derm_selector):
+    out, report = derm_selector
+    assert report["modalities"] == ["dermoscopy", "fundus"]
+    assert report["rejected_csv_rows"] == [
+        "row 14: modality: 'dermoscpy' is shown by only 1 image(s); a modality needs at least 3 to be learned (a misspelling?)"]
+    assert json.loads((out / "selector.json").read_text())["modalities"] == ["dermoscopy", "fundus"]
+    with safe_open(out / "selector.safetensors", "pt") as weights:
+        assert json.loads(weights.metadata()["modalities"]) == ["dermoscopy", "fundus"]
+        assert weights.get_tensor("modality.weight").shape[0] == 2  # the head sized from the CSV
+
+    selector = Selector.load(out)
+    assert selector.modalities == ("dermoscopy", "fundus")
+    image = make_phantom("OCT", 20).image
+    verdict = selector.judge([image], prompt="Fundus: optic disc")[0]
+    assert verdict.asked_modality == "fundus" and set(verdict.modality_probabilities) == {"dermoscopy", "fundus"}
+    assert selector.judge([image], prompt="CT: liver")[0].asked_modality is None  # a modality it does not know
+    with pytest.raises(ValueError, match="unknown modality 'CT'; this selector knows dermoscopy, fundus"):
+        selector.judge([image], modality="CT")
+    assert "prompts starting with dermoscopy:, fundus:" in selector.describe()
+
+
+def test_a_selector_whose_names_do_not_fit_its_head_is_refused_naming_the_files(derm_selector, tmp_path):
+    out, _ = derm_selector
+    for name in ("selector.safetensors", "selector.json"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    meta = json.loads((tmp_path / "selector.json").read_text())
+    meta["modalities"] = ["dermoscopy", "fundus", "ultrasound"]
+    (tmp_path / "selector.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="selector.json names the modalities .* but .*selector.safetensors was saved with"):
+        Selector.load(tmp_path)
+    meta["modalities"] = []
+    (tmp_path / "selector.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="'modalities' must list the modality head's names"):
+        Selector.load(tmp_path)
+
+
+def test_the_shipped_selector_keeps_its_four_modalities():
+    selector = Selector.load()
+    assert selector.modalities == MODALITIES and selector.name == "the embedded selector"
+    assert "prompts starting with CT:, MRI:, chest X-ray:, OCT:" in selector.describe()
+
+
+def test_the_rule_gates_alone_pass_clean_images_and_name_faults():
+    gates = Selector.load(GATES)
+    clean, blank = make_phantom("CT", 1).image, np.full((64, 64), 0.4, np.float32)
+    passed, rejected = gates.judge([clean, blank], prompt="Dermoscopy: lesion")
+    assert passed.passed and passed.quality is None and passed.modality_probabilities == {} and passed.asked_modality is None
+    assert passed.summary() == "passed the rule gates"
+    assert not rejected.passed and rejected.reasons == ["blank image"]
+    assert gates.judge([clean], modality="fundus")[0].passed  # no modality to check against
+    assert gates.describe().startswith("gates: the rule gates") and "no quality score and no modality check" in gates.describe()
+    with pytest.raises(ValueError, match="no weights to save"):
+        gates.save("/nowhere", 32)
+
+
+def test_a_room_on_the_gates_alone_serves_a_new_domain_and_exports_its_modality(tmp_path):
+    from workbench.api import RoomAPI
+    from workbench.ui import build_page
+
+    room = ControlRoom(workdir=tmp_path / "run", selector=GATES,
+                       config=RoomConfig(survivors=2, batch_size=2, max_draws=2, steps=FAST["steps"], pass_rate_probe=0))
+    group = room.generate("Dermoscopy: pigmented lesion", n=2, seed=0)
+    assert len(group.survivors) == 2 and group.survivors[0].scores["quality"] is None
+    room.rank(group.id, [[group.survivors[1].id], [group.survivors[0].id]], expert="alice",
+              ratings={group.survivors[1].id: 3})
+    with zipfile.ZipFile(room.export("ratings_csv", tmp_path / "out.zip")) as zipped:
+        rows = list(csv.DictReader(zipped.read("medical_ratings.csv").decode().splitlines()))
+    assert [r["modality"] for r in rows] == ["dermoscopy"]
+
+    page = build_page(RoomAPI(room, None))
+    shown = [block.value for block in page.blocks.values() if getattr(block, "elem_id", None) == "selector-info"]
+    assert shown == [f"**Selector:** {room.sampler.selector.describe()}"] and "gates: the rule gates" in shown[0]
+
+
+def test_app_passes_selector_gates_and_steps_to_the_room_and_refuses_bad_ones_in_one_line(monkeypatch, capsys, tmp_path):
+    import app
+
+    assert app.main(["--workdir", str(tmp_path), "--selector", str(tmp_path / "nope")]) == 2  # before any model loads
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nope'} is not a selector folder: "
+                                               "expected selector.safetensors and selector.json")
+    assert app.main(["--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps must be between 1 and 1000, got 0"
+    rooms = []
+    monkeypatch.setattr("workbench.room.ControlRoom", lambda *args, **kwargs: rooms.append(kwargs))
+    monkeypatch.setattr("workbench.api.RoomAPI", lambda room, users: users)
+    monkeypatch.setattr("workbench.ui.serve", lambda api, host, port: None)
+    assert app.main(["--selector", "gates", "--steps", "10"]) == 0
+    assert rooms[0]["selector"] == "gates" and rooms[0]["config"].steps == 10
+    assert app.main([]) == 0 and rooms[1]["selector"] is None and rooms[1]["config"].steps == RoomConfig().steps
+
+
+def test_offline_grpo_refuses_the_gates_alone():
+    from optim.train import TrainConfig
+
+    with pytest.raises(ValueError, match="GRPO's reward is the selector's quality score"):
+        TrainConfig(algorithm="grpo", prompts="p.txt", selector=GATES).check()
+
+
+def test_the_reward_models_selector_features_refuse_the_gates_alone():
+    from optim.reward_model import featurizer
+
+    with pytest.raises(ValueError, match="the 'selector' features need a selector network"):
+        featurizer("selector", selector=Selector.load(GATES))([make_phantom("CT", 0).image])

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from optim.policy import Policy
+from optim.trajectory import Condition
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
@@ -68,28 +69,24 @@ class DPOTerms:
 
 
 def denoising_error(policy: Policy, latents, noise, timesteps, prompt_embeds) -> torch.Tensor:
-    """Per-sample mean squared error of the network's prediction (epsilon or v) on noised latents."""
-    scheduler = policy.scheduler
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if policy.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    prediction = policy.predict(noisy, timesteps, prompt_embeds)  # fp32, whatever the model's dtype
-    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+    """Per-sample mean squared error of the network's prediction on noised latents, the family's own
+    (``Policy.denoising_error``): the epsilon or v target of a DDIM family, the velocity ``eps - x0`` of a
+    flow-matching one (noised to ``(1 - s) x0 + s eps``), computed in fp32 whatever the model's dtype."""
+    return policy.denoising_error(latents, noise, timesteps, prompt_embeds)
 
 
 def dpo_terms(
     policy: Policy,
     winners: torch.Tensor,
     losers: torch.Tensor,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | Condition,
     weights: torch.Tensor,
     config: DPOConfig,
     generator: torch.Generator | None = None,
     drawn: NoiseDraws | None = None,
 ) -> DPOTerms:
-    """The DPO loss of P pairs of clean latents (P, C, h, w) with their prompt embeddings (P, L, D).
+    """The DPO loss of P pairs of clean latents (P, C, h, w) with their prompt embeddings (P, L, D), or their
+    ``Condition`` (the pooled embeddings too, for SDXL, SD 3 and FLUX).
 
     The (t, noise) draws come from ``generator``, or are given (``drawn``: a micro-batch's share of a batch's).
     """
@@ -102,7 +99,7 @@ def dpo_terms(
     draws, timesteps, noise = drawn.timesteps.shape[0], drawn.timesteps.reshape(-1), drawn.noise.flatten(0, 1)
     latents = torch.cat([winners.repeat(draws, 1, 1, 1), losers.repeat(draws, 1, 1, 1)]).to(device)
     inputs = (latents, torch.cat([noise, noise]).to(device), torch.cat([timesteps, timesteps]).to(device),
-              prompt_embeds.repeat(2 * draws, 1, 1).to(device))
+              (prompt_embeds if isinstance(prompt_embeds, Condition) else Condition(prompt_embeds)).repeat(2 * draws).to(device))
     error = denoising_error(policy, *inputs).view(2, draws, pairs).mean(dim=1)
     with torch.no_grad(), policy.reference():
         reference_error = denoising_error(policy, *inputs).view(2, draws, pairs).mean(dim=1)

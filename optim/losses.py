@@ -23,7 +23,7 @@ SHOWN_SEED = 0
 def group_losses(policy: Policy, group: RankedGroup, config: UpdateConfig = UpdateConfig()) -> dict:
     rewards = group.rewards()
     advantages = group_advantages([rewards], config.grpo)[0]
-    steps = [grpo_step(policy, group.trajectory, j, advantages, config.grpo) for j in range(len(group.trajectory.timesteps))]
+    steps = [grpo_step(policy, group.trajectory, j, advantages, config.grpo) for j in group.trajectory.scored_steps()]
     ratio = torch.stack([s.ratio for s in steps]).mean(dim=0)
     kl = torch.stack([s.kl for s in steps]).mean(dim=0)
     grpo = {

@@ -85,3 +85,29 @@ def _write_and_load(out_dir: Path, vocab: dict, merges: list[str], max_length: i
         model_max_length=max_length,
         pad_token="<|endoftext|>",
     )
+
+
+def build_t5_tokenizer(prompts: list[str], out_dir: str | Path, max_length: int = 32):
+    """A T5 tokenizer (``T5TokenizerFast``, what SD 3 and FLUX pipelines load) built locally for ``prompts``.
+
+    A unigram model whose vocabulary is T5's special tokens, every word of the prompts as written, lower-
+    cased and upper-cased (SentencePiece style, "▁word"), and every single character, so known words are
+    one token and anything else still tokenizes. Written with ``save_pretrained`` (tokenizer.json).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for prompt in prompts for word in re.findall(r"[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]+", prompt)
+                    for w in (word, word.lower(), word.upper())})
+    characters = list(string.ascii_letters + string.digits + string.punctuation)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + word, -1.0) for word in words] + [(c, -5.0) for c in characters]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                                model_max_length=max_length)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer

@@ -22,6 +22,14 @@ stay together, since its loss is a function of their mean; each is two UNet rows
 accumulating the gradients: the gradient is the whole batch's (each micro-batch's loss is weighed by
 its share), so one update of any group size or number of pairs fits, in time linear in its size.
 
+Half precision: in an fp16 model the gradients reaching the fp32 adapters pass through fp16
+activations, and small ones underflow to zero (on the embedded model, with GRPO's loss shrunk to the
+size a 512 px latent gives, 30% of the adapter gradients came out zero; see the README). So in fp16
+the loss is scaled before backward and the gradients unscaled after (``LossScale``: from 2^16,
+halved and the same optimizer step recomputed when a scaled gradient overflows, as
+``torch.amp.GradScaler`` does but without skipping steps). bf16 has fp32's exponent range: its
+scale, like fp32's, is 1.
+
 Guards, each with a plain report:
 
 - a non-finite loss or gradient: no step is taken, nothing is saved, the previous weights stay;
@@ -49,9 +57,11 @@ from optim.groups import RankedGroup
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step, micro_batches, reference_kernel_mean
 from optim.logprob import gaussian_kl
 from optim.policy import Policy
+from optim.trajectory import Condition
 from optim.versions import Version, VersionStore
 
 ALGORITHMS = ("grpo", "dpo")
+FP16_LOSS_SCALE = 2.0**16  # torch.amp.GradScaler's initial scale
 
 
 @dataclass
@@ -90,23 +100,25 @@ Kernels = dict[tuple[int, int, int], tuple[torch.Tensor, float]]
 
 
 def trained_steps(groups: list[RankedGroup], fraction: float, generator: torch.Generator) -> list[list[int]]:
-    """For each group, the stored steps this update trains: a random ``fraction`` of them (at least one)."""
+    """For each group, the stored steps this update trains: a random ``fraction`` of them (at least one), among
+    the steps that carry a log-probability (a deterministic last step never is one)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
     plan = []
     for group in groups:
-        total = len(group.trajectory.timesteps)
-        count = max(1, round(fraction * total))
-        plan.append(sorted(torch.randperm(total, generator=generator)[:count].tolist()))
+        scored = group.trajectory.scored_steps()
+        count = max(1, round(fraction * len(scored)))
+        plan.append(sorted(scored[i] for i in torch.randperm(len(scored), generator=generator)[:count].tolist()))
     return plan
 
 
 def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig, plan: list[list[int]] | None = None,
-                  references: Kernels | None = None, kernels: Kernels | None = None) -> dict:
+                  references: Kernels | None = None, kernels: Kernels | None = None, loss_scale: float = 1.0) -> dict:
     """One optimizer step's worth of GRPO gradients over the planned steps of every group; its metrics.
 
     ``references`` caches the reference policy's kernel means across optimizer steps; ``kernels``
     receives the current policy's kernel means, from which the trust region's KL comes for free.
+    The gradients are ``loss_scale`` times the loss's (``LossScale``).
     """
     advantages = group_advantages([g.rewards() for g in groups], config.grpo)
     index = {id(g.trajectory): i for i, g in enumerate(groups)}
@@ -119,7 +131,7 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
         terms = grpo_step(policy, trajectory, step, advantage, config.grpo, reference_mean=references[key], rows=rows)
         check_finite(terms.loss, "GRPO loss")
         if torch.is_grad_enabled():
-            (weight * terms.loss).backward()
+            (loss_scale * weight * terms.loss).backward()
         if kernels is not None:
             kernels[key] = (terms.mean, terms.std)
         return terms
@@ -128,22 +140,23 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
                      config.micro_batch)
 
 
-def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Winners' and losers' clean latents, prompt embeddings and weights for every ranked pair."""
+def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, Condition, torch.Tensor]:
+    """Winners' and losers' clean latents, prompt conditioning and weights for every ranked pair."""
     winners, losers, embeds, weights = [], [], [], []
     for group in groups:
         final = group.trajectory.latents[:, -1]
         for winner, loser, weight in group.pairs():
             winners.append(final[winner])
             losers.append(final[loser])
-            embeds.append(group.trajectory.prompt_embeds[0])
+            embeds.append(group.trajectory.condition())
             weights.append(weight)
     if not winners:
         raise UpdateRefused("no ranked pairs to learn from: every ranking is a single tier of ties")
-    return torch.stack(winners), torch.stack(losers), torch.stack(embeds), torch.tensor(weights)
+    return torch.stack(winners), torch.stack(losers), Condition.cat(embeds), torch.tensor(weights)
 
 
-def dpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig, generator: torch.Generator) -> dict:
+def dpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig, generator: torch.Generator,
+                 loss_scale: float = 1.0) -> dict:
     """One optimizer step's worth of Diffusion-DPO gradients over every ranked pair, in micro-batches of
     whole pairs; its metrics. Every pair's (t, noise) is drawn first, so the micro-batches see one batch's."""
     winners, losers, embeds, weights = dpo_pairs(groups)
@@ -155,12 +168,36 @@ def dpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfig
         check_finite(terms.loss, "DPO loss")
         share = weights[rows].sum() / weights.sum()  # each micro-batch's loss is its pairs' weighted mean
         if torch.is_grad_enabled():
-            (share * terms.loss).backward()
+            (loss_scale * share * terms.loss).backward()
         loss += float(share * terms.loss.detach())
         margins.append(terms.margin)
     margin = torch.cat(margins)
     return {"loss": loss, "implicit_accuracy": implicit_accuracy(margin), "margin_mean": float(margin.mean()),
             "pairs": int(margin.numel())}
+
+
+class LossScale:
+    """The loss scale of an update's backward passes: 2^16 in an fp16 model, 1 otherwise (see the module's
+    docstring). ``backward`` runs a backward pass at the current scale, recomputes it at half the scale
+    while a scaled gradient overflows, and leaves the unscaled gradients on the parameters."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.value = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
+
+    def backward(self, run, parameters: list[torch.nn.Parameter]) -> dict:
+        """``run(scale)`` accumulates ``scale`` times the gradients and returns its metrics; they are returned."""
+        while True:
+            metrics = run(self.value)
+            grads = [p.grad for p in parameters if p.grad is not None]
+            if self.value <= 1.0 or all(torch.isfinite(g).all() for g in grads):
+                break
+            self.value /= 2  # an fp16 gradient overflowed: the same step again at half the scale
+            for p in parameters:
+                p.grad = None
+        if self.value != 1.0:
+            for g in grads:
+                g.div_(self.value)
+        return metrics
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:
@@ -174,7 +211,7 @@ def step_kernels(policy: Policy, groups: list[RankedGroup], plan: list[list[int]
                  micro_batch: int = 0) -> Kernels:
     """(mean, std) of the planned stored steps' kernels (all steps by default) under the current weights,
     ``micro_batch`` candidates at a time (keyed as ``grpo_backward`` keys them)."""
-    plan = plan if plan is not None else [list(range(len(g.trajectory.timesteps))) for g in groups]
+    plan = plan if plan is not None else [g.trajectory.scored_steps() for g in groups]
     return {(i, j, rows.start): policy.score_step(g.trajectory, j, rows)[1:]
             for i, (g, steps) in enumerate(zip(groups, plan)) for j in steps
             for rows in micro_batches(g.trajectory.latents.shape[0], micro_batch)}
@@ -209,6 +246,7 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     probe = slice(None) if config.algorithm == "grpo" else slice(config.kl_groups)  # the groups the KL is measured on
     references: Kernels = {}
+    scale = LossScale(policy.dtype)
     history, before, stopped = [], None, None
     last_good, kl_good, taken = previous, 0.0, 0  # the last weights known to be within the budget
     try:
@@ -217,10 +255,11 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
                 optimizer.zero_grad(set_to_none=True)
                 if config.algorithm == "grpo":
                     kernels: Kernels = {}
-                    metrics = grpo_backward(policy, groups, config, plan, references, kernels)
+                    metrics = scale.backward(lambda s: grpo_backward(policy, groups, config, plan, references, kernels, s),
+                                             parameters)
                 else:
                     kernels = step_kernels(policy, groups[probe], plan[probe], config.micro_batch)
-                    metrics = dpo_backward(policy, groups, config, generator)
+                    metrics = scale.backward(lambda s: dpo_backward(policy, groups, config, generator, s), parameters)
                 before = kernels if before is None else before
                 kl = kl_between(before, kernels)  # of the weights this step starts from
                 if not math.isfinite(kl) or kl > config.kl_budget:
@@ -230,7 +269,7 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 check_finite(grad_norm, "gradient norm")
                 optimizer.step()
-                history.append({**metrics, "grad_norm": float(grad_norm), "kl_before_step": kl})
+                history.append({**metrics, "grad_norm": float(grad_norm), "kl_before_step": kl, "loss_scale": scale.value})
                 if on_step is not None:
                     on_step(k + 1, config.optimizer_steps)
         if stopped is None:

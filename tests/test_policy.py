@@ -90,8 +90,8 @@ def test_missing_or_unsupported_model_folders_get_clear_errors(tmp_path):
         Policy.load(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="not a diffusers pipeline folder"):
         Policy.load(tmp_path)
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelLoadError, match="StableDiffusionXLPipeline, which is not supported"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))  # SDXL loads now
+    with pytest.raises(ModelLoadError, match="KandinskyV22Pipeline, which is not supported"):
         Policy.load(tmp_path)
 
 

@@ -16,9 +16,11 @@ import json
 from pathlib import Path
 
 from optim.generators.base import DEFAULT_MODEL, Generator, ModelLoadError, Samples, candidate_seeds
+from optim.generators.flow import Flux, StableDiffusion3
+from optim.generators.sdxl import StableDiffusionXL
 from optim.generators.stable_diffusion import StableDiffusion
 
-FAMILIES: list[type[Generator]] = [StableDiffusion]
+FAMILIES: list[type[Generator]] = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux]
 
 
 def supported() -> str:
@@ -54,4 +56,5 @@ def load_generator(model: str | Path | None = None, **options) -> Generator:
     return Generator.load(model, **options)
 
 
-__all__ = ["DEFAULT_MODEL", "FAMILIES", "Generator", "ModelLoadError", "Samples", "StableDiffusion", "candidate_seeds", "check_model_folder", "family_for", "load_generator"]
+__all__ = ["DEFAULT_MODEL", "FAMILIES", "Flux", "Generator", "ModelLoadError", "Samples", "StableDiffusion", "StableDiffusion3",
+           "StableDiffusionXL", "candidate_seeds", "check_model_folder", "family_for", "load_generator"]

@@ -134,6 +134,7 @@ class Generator:
                 LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=self.lora_targets)
             )
         self.dtype = self.denoiser.dtype
+        self.vae_dtype = self.vae.dtype  # the model's, unless a family upcasts its VAE
         self._mixed_precision_adapters()
         # Activations recomputed in backward instead of kept: on a GPU an update's memory is mostly
         # activations; on the CPU memory is plentiful and recomputing only costs time.
@@ -415,7 +416,7 @@ class Generator:
         """Clean latents (N, C, h, w) of images at the model's size: DPO on imported pairs needs them."""
         size = self.image_size()
         pixels = self.pipeline.image_processor.preprocess([im.convert("RGB") for im in images], height=size, width=size)
-        latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean.float()
+        latents = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist.mean.float()
         shift = getattr(self.vae.config, "shift_factor", None)
         return (latents if shift is None else latents - shift) * self.vae.config.scaling_factor
 
@@ -427,7 +428,7 @@ class Generator:
         images = []
         for chunk in (latents / self.vae.config.scaling_factor).split(DECODE_CHUNK):
             chunk = chunk if shift is None else chunk + shift
-            pixels = self.vae.decode(chunk.to(self.dtype)).sample.float()
+            pixels = self.vae.decode(chunk.to(self.vae_dtype)).sample.float()
             images += self.pipeline.image_processor.postprocess(pixels, output_type="pil")
         return images
 

@@ -203,3 +203,61 @@ def test_set_alpha_to_one_makes_the_last_ddim_step_deterministic_and_unscored(tm
     assert result.applied, result.message  # finite: the deterministic step is left out
     assert result.metrics["trained_steps"] == [list(range(STEPS - 1))]
     assert math.isfinite(result.metrics["loss_last"]) and math.isfinite(result.metrics["kl_from_previous"])
+
+
+# ---------------------------------------------------------------------- the flow-matching SDE kernel
+
+
+def test_flow_sde_step_matches_the_formulas_by_hand():
+    from optim.generators.kernels import flow_sde_step
+
+    # s = 0.5 -> 0.25, a = 0.7: std_s = 0.7 sqrt(0.5 / 0.5) = 0.7; dt = -0.25
+    # mean = x (1 + 0.49 / 1 * -0.25) + v (1 + 0.49 * 0.5 / 1) * -0.25 = 0.8775 x - 0.31125 v
+    x, v = torch.ones(1, 1), torch.full((1, 1), 0.2)
+    x_prev, log_prob, mean, std = flow_sde_step(v, x, 0.5, 0.25, 0.9, 0.7, noise=torch.zeros(1, 1))
+    assert std == pytest.approx(0.35) and mean.item() == pytest.approx(0.8775 - 0.31125 * 0.2, abs=1e-6)
+    assert x_prev.item() == pytest.approx(mean.item())
+    assert log_prob.item() == pytest.approx(-math.log(0.35) - 0.5 * math.log(2 * math.pi), abs=1e-6)
+    # at s = 1 the next sigma stands in the denominator: std_s = 0.7 sqrt(1 / (1 - 0.9))
+    _, _, _, std = flow_sde_step(v, x, 1.0, 0.9, 0.9, 0.7, noise=torch.zeros(1, 1))
+    assert std == pytest.approx(0.7 * math.sqrt(10) * math.sqrt(0.1))
+    with pytest.raises(ValueError, match="noise_level must be > 0"):
+        flow_sde_step(v, x, 0.5, 0.25, 0.9, 0.0, noise=torch.zeros(1, 1))
+
+
+def test_flow_sde_step_scores_its_own_draws_and_tends_to_diffusers_euler_step():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from optim.generators.kernels import flow_sde_step
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sigmas = scheduler.sigmas
+    generator = torch.Generator().manual_seed(0)
+    x, v, z = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+    for j in (0, 4, 9):
+        s, s_next = float(sigmas[j]), float(sigmas[j + 1])
+        drawn, log_prob, _, _ = flow_sde_step(v, x, s, s_next, float(sigmas[1]), 0.7, noise=z)
+        assert torch.equal(flow_sde_step(v, x, s, s_next, float(sigmas[1]), 0.7, prev_sample=drawn)[1], log_prob)
+        _, _, mean, _ = flow_sde_step(v, x, s, s_next, float(sigmas[1]), 1e-4, noise=z)  # almost no noise: the ODE
+        scheduler._step_index = j
+        euler = scheduler.step(v, scheduler.timesteps[j], x).prev_sample
+        assert torch.allclose(mean, euler, atol=1e-4), f"step {j}"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_bf16_sampling_keeps_the_ratio_at_one_and_an_update_runs_checkpointed_in_micro_batches(folders, family, tmp_path):
+    policy = Policy.load(folders[family], dtype="bf16")
+    assert policy.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in policy.lora_parameters())
+    trajectory = policy.sample(PROMPT, n=3, seed=6, **FAST).trajectory
+    assert trajectory.latents.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
+    assert torch.equal(policy.log_probs(trajectory), trajectory.log_probs)
+    policy.gradient_checkpointing = True  # as on a GPU
+    store = VersionStore(tmp_path / "versions")
+    policy.open_versions(store)
+    for algorithm in ("grpo", "dpo"):
+        config = UpdateConfig(algorithm=algorithm, optimizer_steps=1, micro_batch=2, kl_budget=float("inf"), seed=0,
+                              dpo=DPOConfig(noise_draws=1))
+        result = apply_update(policy, store, [ranked(trajectory)], config)
+        assert result.applied and math.isfinite(result.metrics["loss_last"]), result.message
+    assert not policy.denoiser.is_gradient_checkpointing  # switched off again after the update

@@ -272,6 +272,9 @@ class Trainer:
         mixed = self.accelerator.mixed_precision
         self.policy = Policy.load(config.model, device=str(self.accelerator.device), lora_rank=config.lora_rank,
                                   dtype=config.dtype or (mixed if mixed in DTYPES else None))
+        if self.policy.dtype == torch.float16 and self.accelerator.scaler is None:
+            raise ValueError("an fp16 model needs a loss scale, or its small gradients underflow to zero: on a GPU launch "
+                             "with --mixed_precision fp16 (accelerate's GradScaler); else use --dtype bf16 or fp32")
         self.parameters = self.policy.lora_parameters()
         optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(PolicyLoss(self.policy), optimizer)
@@ -299,7 +302,7 @@ class Trainer:
         grad_norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
         # The gradients are already synced, so every process sees the same norm and skips together.
         finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        if finite or self.accelerator.scaler is not None:  # fp16: the scaler skips an overflowed step and halves its scale
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         values = torch.tensor([*metrics.values(), float(grad_norm)], device=self.accelerator.device)

@@ -24,7 +24,8 @@ its share), so one update of any group size or number of pairs fits, in time lin
 
 Half precision: in an fp16 model the gradients reaching the fp32 adapters pass through fp16
 activations, and small ones underflow to zero (on the embedded model, with GRPO's loss shrunk to the
-size a 512 px latent gives, 30% of the adapter gradients came out zero; see the README). So in fp16
+size a 768 px latent gives, 5% of the adapter gradients came out zero and the median one 21% off; 4.8%
+with the scale, fp16's rounding). So in fp16
 the loss is scaled before backward and the gradients unscaled after (``LossScale``: from 2^16,
 halved and the same optimizer step recomputed when a scaled gradient overflows, as
 ``torch.amp.GradScaler`` does but without skipping steps). bf16 has fp32's exponent range: its

@@ -125,7 +125,7 @@ def build(family: str, folder: str | Path, spec: dict | None = None, set_alpha_t
                 text_encoder_2=_clip(clip_tokenizer, spec["clip_2"], True), tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,
                 unet=UNet2DConditionModel(**spec["unet"]), scheduler=EulerDiscreteScheduler(**spec["scheduler"]))
         elif family == "sd3":
-            t5_tokenizer = build_t5_tokenizer(prompts, work / "t5", max_length=spec["t5"]["max_length"])
+            t5_tokenizer = build_t5_tokenizer(prompts, work / "t5", max_length=(spec.get("t5") or {}).get("max_length", 256))
             pipeline = StableDiffusion3Pipeline(
                 transformer=SD3Transformer2DModel(**spec["transformer"]),
                 scheduler=FlowMatchEulerDiscreteScheduler(**spec["scheduler"]), vae=vae,
@@ -150,9 +150,14 @@ def build(family: str, folder: str | Path, spec: dict | None = None, set_alpha_t
 def diffusers_pipeline(family: str, folder: Path, dtype: torch.dtype = torch.float32):
     """The family's own diffusers pipeline from ``folder``, with the scheduler the workbench samples with
     (DDIM for SD and SDXL; the checkpoint's flow-matching scheduler otherwise)."""
+    import json
+
     from diffusers import DDIMScheduler, DiffusionPipeline
 
-    options = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    options = {name: None for name, value in index.items() if isinstance(value, list) and value and value[0] is None}
+    if family == "sd":
+        options["requires_safety_checker"] = False
     pipeline = DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **options)
     if family in ("sd", "sdxl"):
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False, thresholding=False)

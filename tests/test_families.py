@@ -261,3 +261,14 @@ def test_bf16_sampling_keeps_the_ratio_at_one_and_an_update_runs_checkpointed_in
         result = apply_update(policy, store, [ranked(trajectory)], config)
         assert result.applied and math.isfinite(result.metrics["loss_last"]), result.message
     assert not policy.denoiser.is_gradient_checkpointing  # switched off again after the update
+
+
+def test_an_sd3_folder_without_its_t5_encoder_loads_and_samples(tmp_path):
+    from tests.family_models import TINY
+
+    folder = build("sd3", tmp_path / "sd3-no-t5", spec=dict(TINY["sd3"], t5=None))
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    policy = Policy.load(folder)
+    assert policy.pipeline.text_encoder_3 is None
+    trajectory = policy.sample(PROMPT, n=2, seed=0, **FAST).trajectory  # T5's part of the embeddings is zeros, as diffusers'
+    assert torch.equal(policy.log_probs(trajectory), trajectory.log_probs)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import random
 import types
 from dataclasses import dataclass
@@ -177,13 +178,16 @@ class Generator:
 
     @classmethod
     def load_pipeline(cls, path: Path, torch_dtype: torch.dtype):
-        """The family's diffusers pipeline from a local folder, nothing downloaded."""
+        """The family's diffusers pipeline from a local folder, nothing downloaded. Components the folder
+        leaves out (``[null, null]`` in its index: an SD 3 without T5, an SD without a safety checker) are None."""
         import diffusers
 
         pipeline_class = getattr(diffusers, cls.pipeline_classes[0])
+        index = json.loads((path / "model_index.json").read_text())
+        absent = {name: None for name, value in index.items() if isinstance(value, list) and value and value[0] is None}
         try:
             return pipeline_class.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=torch_dtype,
-                                                  **cls.pipeline_options)
+                                                  **{**absent, **cls.pipeline_options})
         except (OSError, ValueError, TypeError) as error:
             raise ModelLoadError(f"could not load the pipeline in {path}: {error}") from error
 

@@ -53,8 +53,9 @@ class FlowMatching(Generator):
         self.transformer = self.denoiser
         self.noise_level = float(noise_level)
         # T5 tokens of the prompt: the pipeline's default, or fewer when the tokenizer says so
-        t5 = getattr(pipeline, self.t5_tokenizer_name)
-        self.max_sequence_length = max_sequence_length or min(self.default_max_sequence_length, t5.model_max_length)
+        t5 = getattr(pipeline, self.t5_tokenizer_name, None)
+        limit = t5.model_max_length if t5 is not None else self.default_max_sequence_length
+        self.max_sequence_length = max_sequence_length or min(self.default_max_sequence_length, limit)
         fresh = type(self.scheduler).from_config(self.scheduler.config)
         self.train_sigmas = fresh.sigmas.flip(0).float()  # index t (0 .. num_train_timesteps - 1): its noise level
 

@@ -196,11 +196,15 @@ def test_an_update_trains_a_seeded_subset_of_steps_and_records_the_seed(fresh, d
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)
     generator = torch.Generator().manual_seed(5)
-    plan = optim.update.trained_steps([ranked(drawn)] * 3, 0.5, generator)
+    plan = optim.update.trained_steps([ranked(drawn)] * 3, 0.5, generator, window="random")
     assert [len(steps) for steps in plan] == [2, 2, 2] and all(s == sorted(set(s)) for s in plan)
-    assert plan == optim.update.trained_steps([ranked(drawn)] * 3, 0.5, torch.Generator().manual_seed(5))
+    assert len(set(map(tuple, plan))) > 1  # each group its own draw
+    assert plan == optim.update.trained_steps([ranked(drawn)] * 3, 0.5, torch.Generator().manual_seed(5), window="random")
+    assert optim.update.trained_steps([ranked(drawn)] * 2, 0.5, generator) == [[0, 1], [0, 1]]  # early: the first half
     with pytest.raises(ValueError, match="train_fraction must be in"):
         optim.update.trained_steps([ranked(drawn)], 0.0, generator)
+    with pytest.raises(ValueError, match="train_window must be one of early, random, got 'late'"):
+        optim.update.trained_steps([ranked(drawn)], 0.5, generator, window="late")
 
     first = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))
     second = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))

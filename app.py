@@ -16,7 +16,9 @@ from optim.policy import DTYPES, ModelLoadError
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Serve the medical preference workbench.")
-    parser.add_argument("--model", default=None, help="local diffusers folder (default: the embedded model)")
+    parser.add_argument("--model", default=None,
+                        help="local diffusers folder of Stable Diffusion 1.x/2.x, SDXL, SD 3 / 3.5 or FLUX.1, the family "
+                             "read from its model_index.json (default: the embedded model)")
     parser.add_argument("--selector", default=None,
                         help="selector folder, trained on your ratings CSV (python -m workbench.selector train); "
                              "'gates' for the rule gates alone (a new domain with no ratings yet); "
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="DDIM steps of every group the room draws (ranking, training, /sample, A/B; default 20): "
                              "fewer sample and train faster, where the model's images hold up at N")
+    parser.add_argument("--noise-level", type=float, default=None, metavar="A",
+                        help="SD 3 / FLUX only: the noise level of the Flow-GRPO SDE the room samples with (default 0.7)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve a non-loopback --host without --auth: everyone who reaches it is an admin")
     args = parser.parse_args(argv)
@@ -56,7 +60,8 @@ def main(argv=None) -> int:
         users = None if args.auth is None else Users(args.auth)
         config = RoomConfig() if args.steps is None else RoomConfig(steps=args.steps)
         room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
-                           auto_register=users is None, dtype=args.dtype, lora=args.lora, config=config)
+                           auto_register=users is None, dtype=args.dtype, lora=args.lora, config=config,
+                           noise_level=args.noise_level)
     except (ModelLoadError, UsersFileError, FileNotFoundError, ValueError) as error:  # a selector folder's too
         print(f"error: {error}", file=sys.stderr)
         return 2

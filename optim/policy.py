@@ -43,7 +43,8 @@ LORA_TARGETS = StableDiffusion.lora_targets
 
 
 def _sample_command(args) -> None:
-    policy = Policy.load(args.model, dtype=args.dtype, lora=args.lora)
+    options = {} if args.noise_level is None else {"noise_level": args.noise_level}
+    policy = Policy.load(args.model, dtype=args.dtype, lora=args.lora, **options)
     if args.version:
         policy.use_version(VersionStore(Path(args.workdir) / "versions"), args.version)
     result = policy.sample(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta)
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     sample.add_argument("--guidance", type=float, default=5.0)
     sample.add_argument("--eta", type=float, default=1.0)
     sample.add_argument("--lora", default=None, help="diffusers LoRA file the adapters start from (as app.py --lora)")
+    sample.add_argument("--noise-level", type=float, default=None,
+                        help="SD 3 / FLUX only: the Flow-GRPO SDE's noise level (default 0.7)")
     sample.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="frozen networks' precision (default: bf16 or fp16 on a GPU, fp32 on the CPU)")
     args = parser.parse_args(argv)

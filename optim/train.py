@@ -67,6 +67,7 @@ from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.selector import GATES, Selector
+from optim.trajectory import Condition
 
 ALGORITHMS = ("dpo", "grpo")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -239,7 +240,8 @@ def lora_digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 class PolicyLoss(torch.nn.Module):
-    """A loss of the policy (``dpo_terms``, ``grpo_step``) run as a module whose parameters are the UNet's.
+    """A loss of the policy (``dpo_terms``, ``grpo_step``) run as a module whose parameters are the denoiser's
+    (the UNet, or a flow model's transformer).
 
     Why: DDP syncs gradients only for a backward whose forward went through the DDP wrapper, and both
     losses make two UNet passes per forward, the policy's and the reference's (the SAME UNet with its
@@ -251,7 +253,7 @@ class PolicyLoss(torch.nn.Module):
 
     def __init__(self, policy: Policy):
         super().__init__()
-        self.unet = policy.unet
+        self.denoiser = policy.denoiser  # the UNet, or a flow model's transformer
         self.policy = policy
 
     def forward(self, loss, *args):
@@ -314,7 +316,7 @@ class Trainer:
 
     def dpo_backward(self, batch) -> dict:
         winners, losers, captions, weights = batch
-        prompt_embeds = torch.cat([self.policy.encode_prompt(caption)[0] for caption in captions])
+        prompt_embeds = Condition.cat([self.policy.encode_condition(caption)[0] for caption in captions])
         terms = self.model(dpo_terms, self.policy.encode_images(winners), self.policy.encode_images(losers),
                            prompt_embeds, torch.tensor(weights, dtype=torch.float32), self.config.dpo, self.generator)
         self.accelerator.backward(terms.loss)

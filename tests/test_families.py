@@ -272,3 +272,31 @@ def test_an_sd3_folder_without_its_t5_encoder_loads_and_samples(tmp_path):
     assert policy.pipeline.text_encoder_3 is None
     trajectory = policy.sample(PROMPT, n=2, seed=0, **FAST).trajectory  # T5's part of the embeddings is zeros, as diffusers'
     assert torch.equal(policy.log_probs(trajectory), trajectory.log_probs)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_offline_dpo_training_runs_on_the_family(folders, family, tmp_path):
+    from safetensors.torch import load_file
+
+    from optim.train import TrainConfig, train
+    from tests.test_train import adapters_moved, phantom_pair, write_pick_a_pic
+
+    rows = [(*phantom_pair("CT", 1), 1.0, 0.0), (*phantom_pair("MRI", 2), 0.0, 1.0)]
+    data = write_pick_a_pic(tmp_path / "pairs.parquet", rows, as_datasets_image=True)
+    run = train(TrainConfig(model=str(folders[family]), data=str(data), out=str(tmp_path / "checkpoints"), batch_size=2,
+                            report_to="none", dpo=DPOConfig(noise_draws=1)))
+    meta = json.loads((run / "epoch_1" / "meta.json").read_text())
+    assert math.isfinite(meta["metrics"]["loss"]) and meta["base_model"] == str(folders[family].resolve())
+    assert adapters_moved(load_file(run / "epoch_1" / "adapter.safetensors"))
+
+
+def test_the_noise_level_is_a_flow_models_setting_recorded_with_its_chains(folders):
+    policy = Policy.load(folders["sd3"], noise_level=0.3)
+    trajectory = policy.sample(PROMPT, n=2, seed=0, steps=STEPS, guidance=3.0, eta=0.5).trajectory
+    assert trajectory.noise_level == pytest.approx(0.15)  # eta scales it
+    policy.noise_level = 0.9  # a later change of the setting does not change how stored chains are scored
+    assert torch.equal(policy.log_probs(trajectory), trajectory.log_probs)
+    with pytest.raises(ModelLoadError, match="holds a Stable Diffusion XL model, which takes no noise_level setting"):
+        Policy.load(folders["sdxl"], noise_level=0.3)
+    with pytest.raises(ValueError, match="noise_level must be > 0"):
+        Policy.load(folders["flux"], noise_level=0.0)

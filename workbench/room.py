@@ -95,15 +95,17 @@ class RoomGroup:
 class ControlRoom:
     def __init__(self, model: str | Path | None = None, workdir: str | Path = "runs/demo", selector: str | Path | None = None,
                  config: RoomConfig | None = None, store_url: str | None = None, auto_register: bool = True,
-                 dtype: str | None = None, lora: str | Path | None = None):
+                 dtype: str | None = None, lora: str | Path | None = None, noise_level: float | None = None):
         """``auto_register``: an unknown expert name is added at level 1 when it first ranks (local,
-        single-user mode); with logins configured the page turns it off and experts are added by an admin."""
+        single-user mode); with logins configured the page turns it off and experts are added by an admin.
+        ``noise_level``: a flow-matching model's SDE noise level (default 0.7; ``optim.generators.flow``)."""
         self.auto_register = auto_register
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = config or RoomConfig()
         judge = Selector.load(selector)  # a folder, None (the embedded one) or "gates"; before the model: a bad one fails fast
-        self.policy = Policy.load(model, dtype=dtype, lora=lora)  # dtype: bf16 | fp16 | fp32; lora: a diffusers LoRA to start from
+        options = {} if noise_level is None else {"noise_level": noise_level}
+        self.policy = Policy.load(model, dtype=dtype, lora=lora, **options)  # dtype: bf16 | fp16 | fp32; lora: a diffusers LoRA to start from
         self.version_store = VersionStore(self.workdir / "versions")
         self.store = Store(self.workdir, store_url)
         self.sampler = RejectionSampler(self.policy, judge, SamplerConfig(

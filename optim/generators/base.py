@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import random
 import types
@@ -164,6 +165,10 @@ class Generator:
         family = family_for(path)
         if not issubclass(family, cls):
             raise ModelLoadError(f"{path} holds a {family.family} model, not a {cls.family} one")
+        taken = inspect.signature(family.__init__).parameters
+        for name in options:
+            if name not in taken:
+                raise ModelLoadError(f"{path} holds a {family.family} model, which takes no {name} setting")
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipeline = family.load_pipeline(path, resolve_dtype(dtype, target))
         if target.type == "cuda":  # TF32 matmuls and convolutions for what stays fp32

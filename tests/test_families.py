@@ -300,3 +300,13 @@ def test_the_noise_level_is_a_flow_models_setting_recorded_with_its_chains(folde
         Policy.load(folders["sdxl"], noise_level=0.3)
     with pytest.raises(ValueError, match="noise_level must be > 0"):
         Policy.load(folders["flux"], noise_level=0.0)
+
+
+def test_a_flux_schnell_folder_without_guidance_embedding_samples_unguided(tmp_path):
+    from tests.family_models import TINY
+
+    spec = dict(TINY["flux"], transformer=dict(TINY["flux"]["transformer"], guidance_embeds=False))
+    policy = Policy.load(build("flux", tmp_path / "schnell", spec=spec))
+    assert not policy.transformer.config.guidance_embeds
+    trajectory = policy.sample(PROMPT, n=2, seed=0, **FAST).trajectory
+    assert torch.isfinite(trajectory.log_probs).all() and torch.equal(policy.log_probs(trajectory), trajectory.log_probs)

@@ -12,8 +12,9 @@ saves each as a local diffusers folder, loaded as any host's checkpoint would be
   conditioning; 2.6B parameters), CLIP-L (12 x 768) and CLIP-G (32 x 1280, pooled projection 1280), SDXL's
   VAE; 1024 px, epsilon prediction, stochastic DDIM;
 - ``sd35m``: SD 3.5 Medium's MMDiT (24 blocks, 1536 wide, dual attention in the first 13, RMS-normed q/k;
-  2.2B parameters), CLIP-L and CLIP-G with projections, T5-XXL (24 x 4096, 4.8B parameters, saved in bf16;
-  ``--no-t5`` leaves it out, as SD 3 allows), a 16-channel VAE; 1024 px, the Flow-GRPO SDE.
+  2.2B parameters), CLIP-L and CLIP-G with projections, T5-XXL's encoder (24 x 4096, 4.6B parameters with
+  the local tokenizer's vocabulary, saved in bf16; ``--no-t5`` leaves it out, as SD 3 allows), a 16-channel
+  VAE; 1024 px, the Flow-GRPO SDE.
 
 Per model and dtype it prints:
 

@@ -420,7 +420,7 @@ def register_api(api: RoomAPI) -> None:
     @clear_errors
     def version_lora(version_id: str, expert: str = "", request: gr.Request = None) -> gr.FileData:
         """A version as a diffusers LoRA file (.safetensors): pipeline.load_lora_weights(path) loads it into a
-        StableDiffusionPipeline of the same base model."""
+        pipeline of the same base model (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)."""
         path = api.version_lora(api.caller(request, expert), version_id)
         return gr.FileData(path=str(path), orig_name=path.name)
 

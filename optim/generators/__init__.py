@@ -1,6 +1,7 @@
 """Generator families: one interface (``base.Generator``), one file per family.
 
-    base.py              the interface every family meets, and what they share (adapters, versions, the sampling loop)
+    base.py              the interface every family meets, loading, and the sampling loop they share
+    adapters.py          LoRA adapters on the denoiser, the reference (adapters off), versions, LoRA files
     kernels.py           the step kernels and their log-probabilities: stochastic DDIM, the Flow-GRPO SDE
     stable_diffusion.py  Stable Diffusion 1.x / 2.x
     sdxl.py              Stable Diffusion XL
@@ -15,7 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from optim.generators.base import DEFAULT_MODEL, Generator, ModelLoadError, Samples, candidate_seeds
+from optim.generators.base import (
+    DEFAULT_MODEL,
+    Generator,
+    ModelLoadError,
+    Samples,
+    candidate_seeds,
+)
 from optim.generators.flow import Flux, StableDiffusion3
 from optim.generators.sdxl import StableDiffusionXL
 from optim.generators.stable_diffusion import StableDiffusion

@@ -14,7 +14,8 @@ Whatever the family, it is a policy over denoising chains:
 - ``denoising_error``: the family's Diffusion-DPO error on noised clean latents (epsilon, v or
   velocity target); ``encode_images`` / ``decode`` go between images and latents.
 - Versions are adapter weights (``lora_state_dict``, ``save_version``, ``use_version``) in a
-  ``VersionStore``; ``export_lora`` hands one out as the family's diffusers LoRA file.
+  ``VersionStore``; ``export_lora`` hands one out as the family's diffusers LoRA file (the adapters and
+  versions: ``adapters.py``, a mixin of ``Generator``).
 
 A family (``stable_diffusion.py``, ``sdxl.py``, ``flow.py``) says what differs: its pipeline class and
 how it is loaded, its text encoders and conditioning (``encode_condition``), its schedule and step
@@ -30,20 +31,18 @@ on the CPU.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import inspect
 import json
 import random
-import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
 
+from optim.generators.adapters import LoraAdapters
 from optim.trajectory import Condition, SamplingSettings, Trajectory
-from optim.versions import Version, VersionStore
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "data" / "pretrained" / "generator"
 MAX_CANDIDATES = 64
@@ -94,28 +93,20 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def _linear_in_input_dtype(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` with the weight cast to the input's dtype (a LoRA matrix: small, so the cast is cheap)."""
-    bias = None if self.bias is None else self.bias.to(x.dtype)
-    return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
-
-class Generator:
+class Generator(LoraAdapters):
     """A diffusers pipeline with LoRA adapters on its denoiser, as a policy over denoising chains.
 
     Subclasses (one per family) set the class attributes and implement the methods marked "family".
     """
 
-    family = "generator"  # the README's name for the family
-    pipeline_classes: tuple[str, ...] = ()  # the model_index.json ``_class_name`` values it loads
-    pipeline_options: dict = {}  # extra ``from_pretrained`` arguments
-    denoiser_name = "unet"  # the pipeline component that carries the adapters
-    denoiser_label = "UNet"  # what messages call it
-    lora_targets: list[str] = []  # the adapted layers (name suffixes)
+    family: ClassVar[str] = "generator"  # the README's name for the family
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()  # the model_index.json ``_class_name`` values it loads
+    pipeline_options: ClassVar[dict] = {}  # extra ``from_pretrained`` arguments
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline component that carries the adapters
+    denoiser_label: ClassVar[str] = "UNet"  # what messages call it
+    lora_targets: ClassVar[list[str]] = []  # the adapted layers (name suffixes)
 
     def __init__(self, pipeline, model_path: Path, device: torch.device, lora_rank: int = 4):
-        from peft import LoraConfig
-
         self.pipeline = pipeline
         self.model_path = model_path
         self.device = device
@@ -126,18 +117,9 @@ class Generator:
         for module in pipeline.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
-        # LoRA starts with B = 0, so the adapted network is exactly the base network until trained. A is
-        # drawn from a normal with std 1/r ("gaussian", as ddpo-pytorch, Flow-GRPO and the diffusers DPO example do):
-        # peft's default kaiming-uniform A is 4x smaller here and shrinks with the layer width, which made
-        # every update move the images about ten times less for the same steps.
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            self.denoiser.add_adapter(
-                LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=self.lora_targets)
-            )
         self.dtype = self.denoiser.dtype
         self.vae_dtype = self.vae.dtype  # the model's, unless a family upcasts its VAE
-        self._mixed_precision_adapters()
+        self.add_adapters(lora_rank)
         # Activations recomputed in backward instead of kept: on a GPU an update's memory is mostly
         # activations; on the CPU memory is plentiful and recomputing only costs time.
         self.gradient_checkpointing = device.type == "cuda"
@@ -148,7 +130,7 @@ class Generator:
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str | None = None, lora_rank: int = 4,
-             dtype: str | None = None, lora: str | Path | None = None, **options) -> "Generator":
+             dtype: str | None = None, lora: str | Path | None = None, **options) -> Generator:
         """Load the embedded default (``model=None``) or a local diffusers folder of any supported family;
         cuda when present. The family comes from ``model_index.json`` (``optim.generators.family_for``).
 
@@ -199,159 +181,6 @@ class Generator:
     def make_scheduler(self, scheduler):
         """family: the scheduler the step kernel reads (DDIM families replace the checkpoint's)."""
         return scheduler
-
-    def _mixed_precision_adapters(self) -> None:
-        """Adapter WEIGHTS in fp32 (they and their optimizer states train there), adapter ARITHMETIC in the model's dtype.
-
-        peft creates the adapters in the base layers' dtype; they are made fp32 here. peft would then cast
-        every adapted layer's activations to fp32 and the sum back, which made half-precision sampling 1.5x
-        slower than diffusers' pipeline on an H100. Instead each LoRA matrix is cast to its input's dtype for
-        the product (as autocast does; gradients still reach the fp32 weights), and peft's input cast is off.
-        In an fp32 model nothing changes. Sampling and scoring do the same arithmetic, so the ratio stays 1.
-        """
-        from peft.tuners.lora import LoraLayer
-
-        for parameter in self.lora_parameters():
-            parameter.data = parameter.data.float()
-        for layer in self.denoiser.modules():
-            matrices = [*layer.lora_A.values(), *layer.lora_B.values()] if isinstance(layer, LoraLayer) else []
-            if matrices and all(type(m) is torch.nn.Linear for m in matrices):  # conv adapters keep peft's casts
-                layer.cast_input_dtype_enabled = False
-                for matrix in matrices:
-                    matrix.forward = types.MethodType(_linear_in_input_dtype, matrix)
-
-    def start_from_lora(self, path: str | Path) -> None:
-        """Replace the fresh adapters by a diffusers LoRA file's: its rank, alpha, target layers and weights.
-
-        The file is read by diffusers' own ``load_lora_weights`` (so any format it reads works), then the
-        adapters are made fp32 and given the file's exact values (in a half-precision model they were
-        created in half). The policy's first version is then "base + this LoRA"; the reference policy
-        (adapters disabled) stays the base model. Text-encoder LoRA weights are refused: only the denoiser trains.
-        """
-        from diffusers.utils import convert_unet_state_dict_to_peft
-
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"LoRA file not found: {path}")
-        try:
-            state = type(self.pipeline).lora_state_dict(str(path), use_safetensors=True)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"could not read the LoRA file {path}: {error}") from error
-        state = state[0] if isinstance(state, tuple) else state
-        prefix, label = f"{self.denoiser_name}.", self.denoiser_label
-        others = sorted({key.split(".")[0] for key in state if not key.startswith(prefix)})
-        if others:
-            raise ModelLoadError(f"{path} also adapts {', '.join(others)}: the workbench trains the {label}'s adapters only; "
-                                 f"export a {label}-only LoRA")
-        if not state:
-            raise ModelLoadError(f"{path} holds no {label} LoRA weights (keys prefixed '{prefix}')")
-        weights = {key[len(prefix):]: value for key, value in state.items()}
-        if not any("lora_A" in key for key in weights):
-            weights = convert_unet_state_dict_to_peft(weights)
-        self.denoiser.delete_adapters("default")
-        try:
-            self.pipeline.load_lora_weights(str(path), adapter_name="default")
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise ModelLoadError(f"the LoRA file {path} does not fit the model {self.model_path}: {error}") from error
-        self._mixed_precision_adapters()
-        self.load_lora_state_dict(weights)
-        self.initial_lora = {"file": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-    def adapter_config(self) -> dict:
-        """The adapters' rank, alpha and target layers: what a LoRA file needs beside its tensors."""
-        config = self.denoiser.peft_config["default"]
-        targets = config.target_modules
-        fields = {"r": config.r, "lora_alpha": config.lora_alpha,
-                  "target_modules": targets if isinstance(targets, str) else sorted(targets)}
-        fields.update({name: dict(value) for name in ("rank_pattern", "alpha_pattern") if (value := getattr(config, name))})
-        return fields
-
-    def export_lora(self, store: VersionStore, version_id: str, path: str | Path) -> Path:
-        """A version as this family's diffusers LoRA file (what its pipeline's ``load_lora_weights`` reads)."""
-        return store.export_diffusers_lora(version_id, path, self.adapter_config(), pipeline_class=type(self.pipeline).__name__,
-                                           component=self.denoiser_name)
-
-    # ------------------------------------------------------------------ adapters and versions
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The reference policy: the same denoiser with its LoRA adapters disabled."""
-        self.denoiser.disable_adapters()
-        try:
-            yield self
-        finally:
-            self.denoiser.enable_adapters()
-
-    @contextlib.contextmanager
-    def training(self):
-        """The span of an update: gradient checkpointing on the denoiser when ``gradient_checkpointing`` is set.
-
-        diffusers checkpoints its blocks whenever gradients are enabled, whatever ``train()`` says, so
-        the denoiser stays in eval mode (no dropout anywhere) and passes under ``no_grad`` (the reference,
-        the trust region) are unaffected. The previous setting comes back afterwards.
-        """
-        was = self.denoiser.is_gradient_checkpointing
-        if self.gradient_checkpointing and not was:
-            self.denoiser.enable_gradient_checkpointing()
-        try:
-            yield self
-        finally:
-            if not was and self.denoiser.is_gradient_checkpointing:
-                self.denoiser.disable_gradient_checkpointing()
-
-    def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for name, p in self.denoiser.named_parameters() if "lora_" in name]
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.denoiser).items()}
-
-    def load_lora_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.denoiser, {k: v.to(self.device) for k, v in weights.items()})
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"adapter weights do not fit this model: unexpected keys such as {unexpected[0]}")
-
-    def save_version(self, store: VersionStore, algorithm: str | None = None, metrics: dict | None = None) -> Version:
-        """Save the current adapter weights as a new version (made current) and switch to it."""
-        version = store.save(
-            self.lora_state_dict(), parent=self.version, algorithm=algorithm, base_model=str(self.model_path), metrics=metrics
-        )
-        self.version = version.id
-        return version
-
-    def use_version(self, store: VersionStore, version_id: str) -> Version:
-        """Load the weights of ``version_id`` into the denoiser's adapters."""
-        version = store.get(version_id)
-        if version.base_model != str(self.model_path):
-            raise ValueError(
-                f"version {version_id} was trained on {version.base_model}, not on the loaded model {self.model_path}"
-            )
-        self._check_same_start(store)
-        self.load_lora_state_dict(store.weights(version_id))
-        self.version = version.id
-        return version
-
-    def open_versions(self, store: VersionStore) -> Version:
-        """Load the store's current version, creating ``v0`` in an empty store: the base model, or base + the
-        LoRA file the policy started from (recorded in its metrics as ``initial_lora``)."""
-        if store.current is None:
-            return self.save_version(store, algorithm=None, metrics={"initial_lora": self.initial_lora} if self.initial_lora else {})
-        return self.use_version(store, store.current)
-
-    def _check_same_start(self, store: VersionStore) -> None:
-        """A store's versions fit only adapters shaped like its first version's: refuse another starting LoRA."""
-        started = store.list()[0].metrics.get("initial_lora")
-        if (started or {}).get("sha256") != (self.initial_lora or {}).get("sha256"):
-            def describe(lora):
-                return f"the LoRA file {lora['file']}" if lora else "the base model (no LoRA file)"
-
-            hint = f"--lora {started['file']}" if started else "no --lora"
-            raise ModelLoadError(f"the versions in {store.root} start from {describe(started)}, but this model starts from "
-                                 f"{describe(self.initial_lora)}: start with {hint}, or use another work directory")
 
     # ------------------------------------------------------------------ sampling and scoring
 

@@ -27,6 +27,8 @@ same marginals that Flow-GRPO derived (``kernels.flow_sde_step``): each step is 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from optim.generators.base import Generator
@@ -41,7 +43,7 @@ class FlowMatching(Generator):
 
     denoiser_name = "transformer"
     denoiser_label = "transformer"
-    lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     default_max_sequence_length = 256
 
     def __init__(self, pipeline, model_path, device, lora_rank: int = 4, noise_level: float = DEFAULT_NOISE_LEVEL,
@@ -117,7 +119,9 @@ class StableDiffusion3(FlowMatching):
     def sampling_sigmas(self, steps: int) -> torch.Tensor:
         options = {}
         if self.scheduler.config.get("use_dynamic_shifting"):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift,
+            )
 
             h, w = self.latent_shape()[1:]
             patch = self.transformer.config.patch_size

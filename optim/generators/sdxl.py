@@ -16,6 +16,8 @@ projections.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from optim.generators.stable_diffusion import StableDiffusion
@@ -25,7 +27,7 @@ from optim.trajectory import Condition
 class StableDiffusionXL(StableDiffusion):
     family = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    pipeline_options = {}
+    pipeline_options: ClassVar[dict] = {}
 
     def __init__(self, pipeline, model_path, device, lora_rank: int = 4):
         super().__init__(pipeline, model_path, device, lora_rank)

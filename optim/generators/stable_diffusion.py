@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from optim.generators.base import Generator
@@ -22,10 +24,10 @@ from optim.trajectory import Condition, Trajectory
 class StableDiffusion(Generator):
     family = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
-    pipeline_options = {"safety_checker": None, "requires_safety_checker": False}
+    pipeline_options: ClassVar[dict] = {"safety_checker": None, "requires_safety_checker": False}
     denoiser_name = "unet"
     denoiser_label = "UNet"
-    lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
 
     def __init__(self, pipeline, model_path, device, lora_rank: int = 4):
         super().__init__(pipeline, model_path, device, lora_rank)

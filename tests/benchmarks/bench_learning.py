@@ -23,7 +23,7 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 24] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 ...]
+        [--ai-groups 0 24] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
 """
 
 import argparse
@@ -118,9 +118,15 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
     }
 
 
-def setting(text: str) -> tuple[str, float]:
+def setting(text: str) -> tuple[str, int | float | str]:
+    """``key=value``: a whole number, a number, or a word (``train_window=random``)."""
     key, _, value = text.partition("=")
-    return key, (int(value) if value.isdigit() else float(value))
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def main() -> None:

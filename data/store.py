@@ -38,6 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_colu
 
 from data.blobs import BlobStore
 from data.modalities import modality_of_prompt
+from data.rankings import RankingError, normalise_tiers, ranking_faults
 
 ROLES = ("expert", "admin")
 POOL_SIZE = 20  # database connections kept open: the experts who may submit at the same instant
@@ -587,25 +588,26 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 def _check_answer(group_id: str, candidates: list, tiers: list, ratings: dict | None, skipped: bool) -> None:
     """Refuse a ranking that does not rank exactly the group's survivors (``candidates``: rows with
-    ``id`` and ``passed``), naming every offending id."""
+    ``id`` and ``passed``), naming every offending id (``data.rankings`` finds them)."""
     if skipped:
         if tiers or ratings:
             raise StoreError(f"group {group_id}: a skip carries no tiers or ratings")
         return
     ids = {c.id for c in candidates}
     survivors = [c.id for c in candidates if c.passed]
-    if not tiers or not all(isinstance(t, (list, tuple)) and t and all(isinstance(c, str) for c in t) for t in tiers):
-        raise StoreError(f"group {group_id}: a ranking is a list of non-empty tiers of candidate ids, not {tiers!r}")
-    ranked = [c for tier in tiers for c in tier]
+    try:
+        found = ranking_faults(normalise_tiers(tiers), survivors)
+    except RankingError:
+        raise StoreError(f"group {group_id}: a ranking is a list of non-empty tiers of candidate ids, not {tiers!r}") from None
     faults = []
-    if unknown := [str(c) for c in ranked if c not in ids]:
+    if unknown := [str(c) for c in found.unknown if c not in ids]:
         faults.append(f"unknown candidates {', '.join(unknown)}")
-    if rejected := [c for c in ranked if c in ids and c not in survivors]:
+    if rejected := [c for c in found.unknown if c in ids]:
         faults.append(f"candidates the selector rejected {', '.join(rejected)}")
-    if missing := [c for c in survivors if c not in ranked]:
-        faults.append(f"survivors left out {', '.join(missing)} (tie those you cannot tell apart)")
-    if twice := sorted({str(c) for c in ranked if ranked.count(c) > 1}):
-        faults.append(f"candidates ranked twice {', '.join(twice)}")
+    if found.missing:
+        faults.append(f"survivors left out {', '.join(found.missing)} (tie those you cannot tell apart)")
+    if found.repeated:
+        faults.append(f"candidates ranked twice {', '.join(sorted(str(c) for c in found.repeated))}")
     for candidate, rating in (ratings or {}).items():
         if candidate not in ids or rating not in RATINGS:
             faults.append(f"rating {rating!r} for {candidate!r} (ratings are 1-3 for this group's candidates)")

@@ -1,14 +1,13 @@
 """Experts' rankings and ratings turned into what the trainers consume: rewards, pairs and weights.
 
 A ranking is a list of tiers, best first; a tier is a list of candidate ids (strings or integers)
-that the expert could not tell apart, e.g. ``[["c2"], ["c0", "c3"], ["c1"]]``. GRPO wants one
-reward per candidate, Diffusion-DPO wants (winner, loser) pairs; both come from the same ranking.
+that the expert could not tell apart, e.g. ``[["c2"], ["c0", "c3"], ["c1"]]`` (``data.rankings``
+checks it: ``validate_ranking``). GRPO wants one reward per candidate, Diffusion-DPO wants (winner,
+loser) pairs; both come from the same ranking.
 
 Conventions, and why:
 
-- A ranking must cover exactly its group's candidates when they are given. A candidate left out
-  would silently drop out of the group's rewards and pairs; an expert who cannot place one ties it
-  with its neighbours instead, which says so.
+- A ranking must cover exactly its group's candidates when they are given (``data.rankings``).
 - Rewards are linear in position, best 1.0, worst 0.0; tied candidates share the mean of the
   positions they occupy. A lone candidate, like a single tier of ties, gets 0.5: no information.
 - Tied candidates give no pair (as in ImageReward): a tie is not a preference, and training on it
@@ -21,58 +20,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import Counter
-from typing import Iterable, Sequence
+from typing import Sequence
 
+from data.rankings import CandidateId, Ranking, RankingError, Tiers, validate_ranking  # noqa: F401 (public here too)
 from data.ratings import RatingsConfig
-
-CandidateId = str | int
-Tiers = list[list[CandidateId]]  # as validate_ranking returns them
-Ranking = Sequence[Sequence[CandidateId]]  # as given: lists or tuples
 
 #: The expert levels a ratings file or a ranking session may carry.
 LEVELS = (1, 2, 3)
-
-
-class RankingError(ValueError):
-    """A ranking that cannot be used as given; the message names the offending ids."""
-
-
-def validate_ranking(tiers: Ranking, candidates: Iterable[CandidateId] | None = None) -> Tiers:
-    """The ranking as a list of lists of ids, after checking it; raises ``RankingError`` with every fault.
-
-    Without ``candidates`` the ranking defines its group; with them it must rank each exactly once.
-    Integer ids (numpy's included) come back as plain ``int``.
-    """
-    if not isinstance(tiers, (list, tuple)):
-        raise RankingError(f"a ranking is a list of tiers, not {tiers!r}")
-    if not tiers:
-        raise RankingError("the ranking is empty")
-    normalised = []
-    for number, tier in enumerate(tiers, start=1):  # counted from 1, as the expert sees them
-        if not isinstance(tier, (list, tuple)):  # a bare "c1" would otherwise read as the ids "c", "1"
-            raise RankingError(f"tier {number} of the ranking is {tier!r}, not a list of candidate ids")
-        if not tier:
-            raise RankingError(f"tier {number} of the ranking is empty")
-        normalised.append([_candidate_id(c, number) for c in tier])
-
-    ranked = [c for tier in normalised for c in tier]
-    faults = [
-        f"candidate {c} appears {'twice' if n == 2 else f'{n} times'} in the ranking"
-        for c, n in Counter(ranked).items() if n > 1
-    ]
-    if candidates is not None:
-        group = [_candidate_id(c) for c in candidates]
-        unknown = [c for c in dict.fromkeys(ranked) if c not in group]
-        missing = [c for c in group if c not in ranked]
-        if unknown:
-            faults.append(f"ranking names unknown candidates: {_ids(unknown)} (this group has {_ids(group)})")
-        if missing:
-            hint = "rank every one; tie those you cannot tell apart"
-            faults.append(f"ranking leaves out candidates: {_ids(missing)} ({hint})")
-    if faults:
-        raise RankingError("; ".join(faults))
-    return normalised
 
 
 def position_rewards(tiers: Ranking) -> dict[CandidateId, float]:
@@ -153,17 +107,3 @@ def weighted_pairs(rankings: Sequence[tuple[Ranking, int]]) -> list[tuple[Candid
         weight = level_weight(level)  # checked even when the ranking, all ties, gives no pair
         pairs += [(winner, loser, weight) for winner, loser in ranked_pairs(tiers)]
     return pairs
-
-
-def _candidate_id(candidate, tier: int | None = None) -> CandidateId:
-    """A string or an integer id (numpy integers become ``int``); anything else is a ``RankingError``."""
-    if isinstance(candidate, str):
-        return candidate
-    if isinstance(candidate, numbers.Integral) and not isinstance(candidate, bool):
-        return int(candidate)
-    where = f"tier {tier} of the ranking" if tier else "the group's candidates"
-    raise RankingError(f"{where} holds {candidate!r}, which is not a candidate id (a string or an integer)")
-
-
-def _ids(candidates: Iterable[CandidateId]) -> str:
-    return ", ".join(str(c) for c in candidates)

@@ -26,6 +26,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from data.experts import LEVELS
 from data.images import ImageReadError, read_image
 from data.modalities import modality_name
 
@@ -246,7 +247,7 @@ def _rating(text: str, config: RatingsConfig) -> float:
 
 def _expert_level(text: str) -> int:
     value = _number(text)
-    if value not in (1, 2, 3):  # 2.0 is 2; 2.5 and NaN are neither
+    if value not in LEVELS:  # 2.0 is 2; 2.5 and NaN are neither
         raise _Invalid(f"{text!r} is not 1, 2 or 3")
     return int(value)
 

@@ -37,12 +37,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship, sessionmaker
 
 from data.blobs import BlobStore
+from data.experts import LEVELS, ROLES
 from data.modalities import modality_of_prompt
 from data.rankings import RankingError, normalise_tiers, ranking_faults
 
-ROLES = ("expert", "admin")
 POOL_SIZE = 20  # database connections kept open: the experts who may submit at the same instant
-LEVELS = (1, 2, 3)
 RATINGS = (1, 2, 3)
 HUMAN, AI = "human", "ai"  # a group's source
 AB_CHOICES = ("left", "right", "same")  # what an expert picks in a blind pair

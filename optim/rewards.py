@@ -22,11 +22,9 @@ import math
 import numbers
 from typing import Sequence
 
+from data.experts import LEVELS
 from data.rankings import CandidateId, Ranking, RankingError, Tiers, validate_ranking  # noqa: F401 (public here too)
 from data.ratings import RatingsConfig
-
-#: The expert levels a ratings file or a ranking session may carry.
-LEVELS = (1, 2, 3)
 
 
 def position_rewards(tiers: Ranking) -> dict[CandidateId, float]:

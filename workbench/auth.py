@@ -33,12 +33,11 @@ from pathlib import Path
 
 import yaml
 
+from data.experts import LEVELS, ROLES
 from data.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-ROLES = ("expert", "admin")
-LEVELS = (1, 2, 3)  # weights the expert's votes
 MIN_PASSWORD = 8
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
 _MAXMEM = 128 * 1024 * 1024  # room for stored hashes made with larger n or r than ours

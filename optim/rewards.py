@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from data.experts import LEVELS
 from data.rankings import CandidateId, Ranking, RankingError, Tiers, validate_ranking  # noqa: F401 (public here too)
@@ -78,19 +78,31 @@ def level_weight(level: int) -> float:
     return float(level)
 
 
+def level_weighted_mean(values: Iterable[tuple[float, int]]) -> float:
+    """``(value, expert level)`` pairs as one number: their mean, each weighed by ``level_weight``.
+
+    How several experts' numbers for one thing become one: position rewards of a candidate
+    (``combined_rewards``), ratings of an image (``RatingsPairs`` of ``optim.train``).
+    """
+    total = weights = 0.0
+    for value, level in values:
+        weight = level_weight(level)
+        total += weight * value
+        weights += weight
+    return total / weights
+
+
 def combined_rewards(rankings: Sequence[tuple[Ranking, int]]) -> dict[CandidateId, float]:
     """Several experts' (ranking, level) of one group as one reward per candidate.
 
     Each reward is the level-weighted mean of the position rewards, over the rankings that cover
     that candidate. Candidates come in the order they first appear; no rankings give no rewards.
     """
-    weighted, weights = {}, {}
+    rewards: dict[CandidateId, list[tuple[float, int]]] = {}
     for tiers, level in rankings:
-        weight = level_weight(level)
         for candidate, reward in position_rewards(tiers).items():
-            weighted[candidate] = weighted.get(candidate, 0.0) + weight * reward
-            weights[candidate] = weights.get(candidate, 0.0) + weight
-    return {candidate: weighted[candidate] / weights[candidate] for candidate in weighted}
+            rewards.setdefault(candidate, []).append((reward, level))
+    return {candidate: level_weighted_mean(given) for candidate, given in rewards.items()}
 
 
 def weighted_pairs(rankings: Sequence[tuple[Ranking, int]]) -> list[tuple[CandidateId, CandidateId, float]]:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data.images import read_image, to_display
 from data.modalities import MODALITIES, modality_of_prompt
 from data.ratings import RatingsConfig, RowError, read_ratings
+from optim.rewards import level_weight
 from optim.selector import Selector, SelectorConfig, SelectorNet, gate_reasons, network_input
 
 
@@ -102,7 +103,7 @@ def load_examples(csv_path, data_root, config: TrainingConfig, gates: SelectorCo
         row_image=torch.tensor([index[p] for p in rows["path"]]),
         score=torch.tensor(rows["score"].to_numpy(), dtype=torch.float32),
         rating=rows["rating"].to_numpy(dtype=float),
-        weight=torch.tensor(rows["expert_level"].to_numpy(), dtype=torch.float32),
+        weight=torch.tensor([level_weight(level) for level in rows["expert_level"]], dtype=torch.float32),
         prompt_matches=torch.tensor([a is None or a == m for a, m in zip(asked, rows["modality"])]),
         asked=torch.tensor([modalities.index(a) if a else -1 for a in asked]),
         modalities=modalities,

@@ -66,6 +66,7 @@ from data.ratings import read_ratings
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.policy import DTYPES, ModelLoadError, Policy
+from optim.rewards import level_weight, level_weighted_mean
 from optim.selector import GATES, Selector
 from optim.trajectory import Condition
 
@@ -167,17 +168,19 @@ class RatingsPairs(Dataset):
     def __init__(self, path: str | Path):
         ratings = read_ratings(path)
         self.report = ratings.report()
-        rows = ratings.rows.assign(weighted=ratings.rows["score"] * ratings.rows["expert_level"])
-        totals = rows.groupby(["prompt", "path"])[["weighted", "expert_level"]].sum()
-        scores = totals["weighted"] / totals["expert_level"]
-        levels = rows.groupby(["prompt", "path"])["expert_level"].mean()
+        given: dict[tuple[str, Path], list[tuple[float, int]]] = {}  # (prompt, image): its (score, level) ratings
+        for row in ratings.rows.itertuples():
+            given.setdefault((row.prompt, row.path), []).append((row.score, row.expert_level))
         self.rows, self.ties = [], 0
-        for prompt, images in scores.groupby(level="prompt"):
-            for ((_, first), a), ((_, second), b) in itertools.combinations(images.items(), 2):
+        for prompt, keys in itertools.groupby(sorted(given), key=lambda key: key[0]):
+            images = [(path, level_weighted_mean(given[prompt, path]),
+                       sum(level_weight(level) for _, level in given[prompt, path]) / len(given[prompt, path]))
+                      for _, path in keys]  # (image, score, mean level)
+            for (first, a, level_a), (second, b, level_b) in itertools.combinations(images, 2):
                 if a == b:
                     self.ties += 1
                     continue
-                weight = float((levels[(prompt, first)] + levels[(prompt, second)]) / 2)
+                weight = (level_a + level_b) / 2
                 self.rows.append((first, second, prompt, weight) if a > b else (second, first, prompt, weight))
 
     def __len__(self) -> int:

@@ -36,7 +36,7 @@ from PIL import Image
 from data.export import ABJudgementRecord, CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
 from data.images import read_image, to_display, unit_to_pil
 from data.modalities import modality_of_prompt
-from data.ratings import read_ratings, unpack_ratings_archive
+from data.ratings import RatingsConfig, read_ratings, unpack_ratings_archive
 from data.store import NewCandidate, NewImportedRating, Store, StoreError
 from optim.agreement import agreement
 from optim.groups import AIRanking, RankedGroup
@@ -302,7 +302,7 @@ class ControlRoom:
             rating = scores.get("rating")
             rows.append({"version": number, "id": v["id"], "loss": v["metrics"].get("loss_last"),
                          "kl": v["metrics"].get("kl_from_previous"), "quality": scores.get("quality"),
-                         "rating": None if rating is None else (rating - 1) / 2})
+                         "rating": None if rating is None else RatingsConfig().normalise(rating)})
         return rows
 
     def experts(self) -> list[dict]:

@@ -69,6 +69,7 @@ from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.rewards import level_weight, level_weighted_mean
 from optim.selector import GATES, Selector
 from optim.trajectory import Condition
+from optim.versions import cpu_fp32
 
 ALGORITHMS = ("dpo", "grpo")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -232,10 +233,10 @@ def selector_passed(accelerator: Accelerator, selector: Selector, pairs: Dataset
 
 def lora_digest(weights: dict[str, torch.Tensor]) -> str:
     """SHA-256 of adapter weights: every process of a data-parallel run must report the same one."""
-    digest = hashlib.sha256()
+    digest, weights = hashlib.sha256(), cpu_fp32(weights)
     for key in sorted(weights):
         digest.update(key.encode())
-        digest.update(weights[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(weights[key].numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -349,8 +350,7 @@ class Trainer:
             return
         folder = self.run_dir / f"epoch_{self.epoch}"
         folder.mkdir()
-        weights = {k: v.to("cpu", torch.float32).contiguous() for k, v in self.policy.lora_state_dict().items()}
-        save_file(weights, folder / "adapter.safetensors")
+        save_file(cpu_fp32(self.policy.lora_state_dict()), folder / "adapter.safetensors")
         metrics = {key: sum(h[key] for h in history) / len(history) for key in history[0]}
         meta = {"epoch": self.epoch, "stage": stage, "pairs" if self.config.algorithm == "dpo" else "prompts": examples,
                 "steps_per_process": len(history), "metrics": metrics, "base_model": str(self.policy.model_path),

@@ -43,6 +43,12 @@ class Version:
     metrics: dict = field(default_factory=dict)
 
 
+def cpu_fp32(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter weights as they are saved and compared, whatever the model's device and dtype: detached,
+    on the CPU, fp32, contiguous (a version, an offline checkpoint, a replica's digest)."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
+
+
 class VersionStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -77,8 +83,7 @@ class VersionStore:
         )
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
-            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
-            save_file(tensors, staging / "adapter.safetensors")
+            save_file(cpu_fp32(weights), staging / "adapter.safetensors")
             (staging / "meta.json").write_text(json.dumps(asdict(version), indent=2))
             os.rename(staging, self.root / version.id)
         except BaseException:

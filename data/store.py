@@ -34,7 +34,8 @@ from pathlib import Path
 from sqlalchemy import (JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, inspect, select,
                         text)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (DeclarativeBase, Mapped, column_property, lazyload, mapped_column, relationship,
+                            sessionmaker)
 
 from data.blobs import BlobStore
 from data.experts import LEVELS, ROLES
@@ -383,6 +384,28 @@ class Store:
             query = query.where(Expert.name == expert)
         with self._session() as s:
             return [_row(r, expert=name) for r, name in s.execute(query)]
+
+    def groups_with_rankings(self) -> list[dict]:
+        """Every group that holds a ranking other than a skip, by id: its row, its candidates that passed the
+        selector (``passed_candidates``, position order) and those rankings (``rankings``, oldest first, as
+        ``rankings`` gives them). What an export reads, in three queries however many groups there are."""
+        ranked = select(Ranking.group_id).where(Ranking.skipped.is_(False))
+        with self._session() as s:
+            groups = s.scalars(select(Group).where(Group.id.in_(ranked)).options(lazyload(Group.candidates))
+                               .order_by(Group.id)).all()
+            survivors = s.scalars(select(Candidate).where(Candidate.group_id.in_(ranked), Candidate.passed.is_(True))
+                                  .order_by(Candidate.group_id, Candidate.position)).all()
+            rankings = s.execute(select(Ranking, Expert.name).join(Expert).where(Ranking.skipped.is_(False))
+                                 .order_by(Ranking.created_at, Ranking.id)).all()
+        found = {g.id: _row(g, passed_candidates=[], rankings=[]) for g in groups}
+        # A group first ranked between these reads is left out whole, as it would be by a read a moment earlier.
+        for c in survivors:
+            if c.group_id in found:
+                found[c.group_id]["passed_candidates"].append(_row(c))
+        for r, name in rankings:
+            if r.group_id in found:
+                found[r.group_id]["rankings"].append(_row(r, expert=name))
+        return list(found.values())
 
     # Imported ratings -----------------------------------------------------------------------------
 

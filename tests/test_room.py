@@ -152,3 +152,43 @@ def test_history_has_a_row_per_version_with_loss_kl_rating_and_quality(tmp_path)
     assert (first["id"], first["loss"], first["rating"]) == ("v0", None, pytest.approx(0.5))  # mean of 3, 2, 1 -> 2 -> 0.5
     assert 0 < first["quality"] <= 1
     assert second["id"] == "v1" and second["loss"] > 0 and second["kl"] > 0 and second["rating"] is None
+
+
+def test_an_export_reads_the_store_in_a_fixed_number_of_queries(tmp_path):
+    """The export reads every ranked group at once (``Store.groups_with_rankings``), not group by group."""
+    from PIL import Image
+    from sqlalchemy import event
+
+    from data.store import NewCandidate
+
+    room = ControlRoom(workdir=tmp_path, config=CONFIG)
+
+    def ranked_group(k: int) -> None:
+        images = []
+        for shade in (40 * k, 40 * k + 20):
+            buffer = io.BytesIO()
+            Image.new("L", (8, 8), shade).save(buffer, format="PNG")
+            images.append(NewCandidate(buffer.getvalue(), passed=True))
+        g = room.store.add_group(f"CT: group {k}", "v0", [0, 1], {}, images)
+        room.rank(g, [[f"{g}-c1"], [f"{g}-c0"]], expert="ann", ratings={f"{g}-c1": 3})
+
+    statements = []
+    event.listen(room.store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    def export(kind: str, name: str) -> tuple[Path, int]:
+        statements.clear()
+        path = room.export(kind, tmp_path / name)
+        return path, len(statements)
+
+    ranked_group(0)
+    _, one = export("pickapic", "one.parquet")
+    for k in (1, 2, 3):
+        ranked_group(k)
+    path, four = export("pickapic", "four.parquet")
+    assert one == four
+    rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    assert sorted(rows["caption"]) == [f"CT: group {k}" for k in range(4)] and set(rows["label_1"]) == {1.0}
+    zipped, queries = export("ratings_csv", "ratings.zip")
+    assert queries == four
+    with zipfile.ZipFile(zipped) as archive:
+        assert archive.read("medical_ratings.csv").decode().count("\n") == 5  # the header and one rating a group

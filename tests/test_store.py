@@ -9,7 +9,7 @@ import json
 import threading
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from data.blobs import BlobError
 from data.store import NewCandidate, Store, StoreError
@@ -163,6 +163,46 @@ def test_unused_ranked_groups_leave_out_those_an_applied_update_used(store):
     assert [v["id"] for v in store.versions()] == ["v1"]
     with pytest.raises(StoreError, match="unknown groups: nope"):
         store.record_update("admin", "dpo", ["nope"], applied=True)
+
+
+def test_the_export_reads_every_ranked_group_in_a_fixed_number_of_queries(store):
+    """``groups_with_rankings`` gives what reading each group and its rankings one by one gave, in three
+    queries for one ranked group as for five."""
+    _experts(store, "alice", "bob")
+    statements = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    def read() -> tuple[list[dict], int]:
+        statements.clear()
+        found = store.groups_with_rankings()
+        return found, len(statements)
+
+    def one_by_one() -> list[dict]:
+        """What the export read before: each ranked group, then each group's rankings."""
+        ids = sorted({r["group_id"] for r in store.rankings() if not r["skipped"]})
+        return [{**store.get_group(g), "rankings": [r for r in store.rankings(g) if not r["skipped"]]} for g in ids]
+
+    first = _group(store, wanted_rankings=2)
+    store.add_ranking(first, "alice", [[f"{first}-c0"], [f"{first}-c1"]], ratings={f"{first}-c0": 3})
+    _group(store, tag=b"pending")  # no ranking: not exported
+    skipped = _group(store, tag=b"skipped")
+    store.add_ranking(skipped, "alice", None, skipped=True)  # a skip alone: not exported
+    one, queries_for_one = read()
+    for k in range(4):
+        g = _group(store, tag=b"%d" % k)
+        store.add_ranking(g, "alice", [[f"{g}-c1"], [f"{g}-c0"]], seconds=2.0)
+    store.add_ranking(first, "bob", [[f"{first}-c0", f"{first}-c1"]])
+    store.add_ranking(skipped, "bob", [[f"{skipped}-c1"], [f"{skipped}-c0"]])
+    many, queries_for_many = read()
+
+    assert len(one) == 1 and len(many) == 6 and queries_for_one == queries_for_many <= 3
+    expected = one_by_one()
+    assert [g["id"] for g in many] == [g["id"] for g in expected]
+    for got, old in zip(many, expected):
+        assert got["passed_candidates"] == [c for c in old["candidates"] if c["passed"]]
+        assert got["rankings"] == old["rankings"]
+        assert {k: got[k] for k in ("prompt", "version", "created_at")} == {k: old[k] for k in ("prompt", "version", "created_at")}
+    assert json.loads(json.dumps(many)) == many  # JSON-ready, like every other answer of the store
 
 
 def test_twenty_experts_ranking_at_once_while_an_update_is_written(store):

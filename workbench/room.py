@@ -423,13 +423,12 @@ class ControlRoom:
 
     def _records(self) -> list[RankedGroupRecord]:
         records = []
-        for group_id in {r["group_id"] for r in self.store.rankings() if not r["skipped"]}:
-            group = self.store.get_group(group_id)
-            rankings = [r for r in self.store.rankings(group_id) if not r["skipped"]]
+        for group in self.store.groups_with_rankings():  # a fixed number of queries, however many groups
+            rankings = group["rankings"]
             records.append(RankedGroupRecord(
-                group_id, group["prompt"],
+                group["id"], group["prompt"],
                 [CandidateRecord(c["id"], self.store.blobs.get(c["image"]), group["version"])
-                 for c in group["candidates"] if c["passed"]],
+                 for c in group["passed_candidates"]],
                 [RankingRecord(str(r["id"]), r["expert"], r["level"], r["tiers"], _when(r["created_at"])) for r in rankings],
                 modality_of_prompt(group["prompt"], known=None),  # any prefix: a host's own modalities too
                 tuple(RatingRecord(cid, r["expert"], r["level"], value)

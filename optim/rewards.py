@@ -82,7 +82,7 @@ def level_weighted_mean(values: Iterable[tuple[float, int]]) -> float:
     """``(value, expert level)`` pairs as one number: their mean, each weighed by ``level_weight``.
 
     How several experts' numbers for one thing become one: position rewards of a candidate
-    (``combined_rewards``), ratings of an image (``RatingsPairs`` of ``optim.train``).
+    (``combined_rewards``), ratings of an image (``optim.train_data.RatingsPairs``).
     """
     total = weights = 0.0
     for value, level in values:

@@ -10,14 +10,10 @@ On CPUs, ``accelerate launch --cpu --num_processes N`` starts ONE process unless
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`` (torchrun, gloo). The run prints
 how many processes it has.
 
-Data (DPO) is Pick-a-Pic's format, ours or anyone's: columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded
-image bytes, or the ``{bytes, path}`` structs that Hugging Face ``datasets.Image`` columns become in
-parquet) and ``label_0``, ``label_1`` (1/0, or 0.5/0.5 for a tie). Ties are DROPPED, as the paper's code
-does (the diffusers example silently lets image 0 win them): a tie says neither image is better, so it
-gives no pair. How many were dropped is printed. Images stay encoded, memory-mapped, until a batch needs them.
-
-A ratings CSV (``image_path,rating,modality,expert_level,prompt``, ``--data RATINGS.csv``) also
-gives DPO pairs: within each prompt, the image with the higher level-weighted mean rating wins.
+This file reads top to bottom: the run's settings (``TrainConfig``), the run (``train``), the trainer
+(``Trainer``) and the command line. The data it reads is ``optim.train_data``'s: Pick-a-Pic parquet pairs (ties dropped, and how many is
+printed) or pairs within each prompt of a ratings CSV (``--data RATINGS.csv``). What running on many
+processes takes is ``optim.distributed``'s.
 
 Two stages (``--two-stage``): stage 1 trains on every pair; stage 2 only on pairs whose BOTH images the
 selector passes against the caption, so the last epochs learn from images an expert would accept.
@@ -44,9 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import io
-import itertools
 import json
 import os
 import sys
@@ -61,19 +54,20 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from data.images import read_image, to_display, unit_to_pil
-from data.ratings import read_ratings
+from optim.distributed import PolicyLoss, lora_digest, selector_passed
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
 from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
 from optim.policy import DTYPES, ModelLoadError, Policy
-from optim.rewards import level_weight, level_weighted_mean
 from optim.selector import GATES, Selector
+from optim.train_data import PickAPicPairs, RatingsPairs, collate_pairs, preference_pairs, read_prompts  # noqa: F401
 from optim.trajectory import Condition
 from optim.versions import cpu_fp32
 
 ALGORITHMS = ("dpo", "grpo")
 TRACKERS = ("tensorboard", "wandb", "none")
-COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+
+
+# ---------------------------------------------------------------------- settings
 
 
 @dataclass
@@ -116,152 +110,40 @@ class TrainConfig:
             raise ValueError("epochs and batch size must be at least 1, and a group at least 2 candidates")
 
 
-# ---------------------------------------------------------------------- data
+# ---------------------------------------------------------------------- the run
 
 
-def decode_image(cell) -> Image.Image:
-    """One image cell: encoded bytes, or a ``datasets.Image`` struct ``{bytes, path}`` (bytes first)."""
-    if isinstance(cell, dict):
-        cell = cell.get("bytes") or Path(cell["path"]).read_bytes()
-    return Image.open(io.BytesIO(cell))
+def train(config: TrainConfig) -> Path:
+    """Run the configured training; returns the run folder (the one the main process writes)."""
+    config.check()
+    if config.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user set WANDB_MODE
+    data = read_prompts(config.prompts) if config.algorithm == "grpo" else preference_pairs(config.data)  # fail before loading
+    if not len(data):
+        raise ValueError(f"{config.data} has no decided pair to learn from: every row is a tie")
+    trainer = Trainer(config)
+    say = trainer.accelerator.print  # main process only
+    say(f"{trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}; run folder {trainer.run_dir}")
+    if config.algorithm == "grpo":
+        say(f"{config.prompts}: {len(data)} prompts, groups of {config.group_size}")
+        trainer.fit(data, list, trainer.grpo_backward, stage=1)
+    else:
+        if isinstance(data, RatingsPairs):
+            say(f"{config.data}: {data.report}; {len(data)} pairs within prompts, {data.ties} ties dropped")
+        else:
+            say(f"{config.data}: {len(data) + data.ties} rows, {data.ties} ties dropped, {len(data)} pairs")
+        say(f"stage 1: {len(data)} pairs")
+        trainer.fit(data, collate_pairs, trainer.dpo_backward, stage=1)
+        if config.two_stage:
+            kept = selector_passed(trainer.accelerator, trainer.selector, data)
+            say(f"stage 2: {len(kept)} of {len(data)} pairs have both images passed by the selector")
+            if kept:
+                trainer.fit(Subset(data, kept), collate_pairs, trainer.dpo_backward, stage=2)
+    trainer.accelerator.end_training()
+    return trainer.run_dir
 
 
-class PickAPicPairs(Dataset):
-    """``(winner image, loser image, caption, weight)`` for every decided row of a Pick-a-Pic parquet file.
-
-    The weight is the row's ``expert_level`` where the file has one (the workbench's exports do), 1 otherwise:
-    a level-3 expert's pair counts three times a level-1 expert's, as in the in-process updates.
-    """
-
-    def __init__(self, path: str | Path):
-        import pyarrow.parquet as pq
-
-        missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
-        if missing:
-            raise ValueError(f"{path} is not in Pick-a-Pic format: no column {', '.join(missing)} (needs {', '.join(COLUMNS)})")
-        columns = list(COLUMNS) + (["expert_level"] if "expert_level" in pq.read_schema(path).names else [])
-        self.table = pq.read_table(path, columns=columns, memory_map=True)
-        self.levels = (self.table["expert_level"].to_pylist() if "expert_level" in columns
-                       else [1] * self.table.num_rows)
-        labels = zip(self.table["label_0"].to_pylist(), self.table["label_1"].to_pylist())
-        self.rows = [(row, 0 if l0 > l1 else 1) for row, (l0, l1) in enumerate(labels) if l0 != l1]  # (row, winner)
-        self.ties = self.table.num_rows - len(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str, float]:
-        row, winner = self.rows[index]
-        winner_image, loser_image = (decode_image(self.table[f"jpg_{side}"][row].as_py()) for side in (winner, 1 - winner))
-        return winner_image, loser_image, self.table["caption"][row].as_py(), float(self.levels[row])
-
-
-class RatingsPairs(Dataset):
-    """``(winner image, loser image, prompt, weight)`` from an experts' ratings CSV (``data.ratings``).
-
-    Within each prompt, every two images whose scores differ make a pair, the better one winning. An
-    image's score is the level-weighted mean of its normalised ratings (the expert level weights,
-    as everywhere). Equal scores are ties and are dropped, as Pick-a-Pic's are. Rows the CSV check
-    refuses are reported (``report``) and left out; the good rows still train. A pair's weight is the
-    mean of its two images' mean expert levels, as the reward model weighs imported ratings.
-    """
-
-    def __init__(self, path: str | Path):
-        ratings = read_ratings(path)
-        self.report = ratings.report()
-        given: dict[tuple[str, Path], list[tuple[float, int]]] = {}  # (prompt, image): its (score, level) ratings
-        for row in ratings.rows.itertuples():
-            given.setdefault((row.prompt, row.path), []).append((row.score, row.expert_level))
-        self.rows, self.ties = [], 0
-        for prompt, keys in itertools.groupby(sorted(given), key=lambda key: key[0]):
-            images = [(path, level_weighted_mean(given[prompt, path]),
-                       sum(level_weight(level) for _, level in given[prompt, path]) / len(given[prompt, path]))
-                      for _, path in keys]  # (image, score, mean level)
-            for (first, a, level_a), (second, b, level_b) in itertools.combinations(images, 2):
-                if a == b:
-                    self.ties += 1
-                    continue
-                weight = (level_a + level_b) / 2
-                self.rows.append((first, second, prompt, weight) if a > b else (second, first, prompt, weight))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str, float]:
-        winner, loser, prompt, weight = self.rows[index]
-        return display_image(winner), display_image(loser), prompt, weight
-
-
-def display_image(path: Path) -> Image.Image:
-    """A PNG or DICOM file as the 8-bit grey image an expert saw (its window applied), for the VAE."""
-    return unit_to_pil(to_display(read_image(path)))
-
-
-def preference_pairs(path: str | Path) -> Dataset:
-    """Pairs from a Pick-a-Pic parquet file or, for a ``.csv``, from a ratings CSV."""
-    return RatingsPairs(path) if Path(path).suffix.lower() == ".csv" else PickAPicPairs(path)
-
-
-def collate_pairs(batch: list[tuple]) -> tuple[list, list, list, list]:
-    """Winners, losers, captions and weights as lists: the policy encodes PIL images itself."""
-    return tuple(list(column) for column in zip(*batch))
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts: write one prompt a line")
-    return prompts
-
-
-def selector_rewards(selector: Selector, images: list[Image.Image], prompt: str) -> torch.Tensor:
-    """The selector's quality for the images it passes, 0 for those it rejects: a blank image still has a
-    quality score, and a broken one none, and neither may earn a reward."""
-    return torch.tensor([v.quality if v.passed else 0.0 for v in selector.judge(images, prompt=prompt)])
-
-
-def selector_passed(accelerator: Accelerator, selector: Selector, pairs: Dataset) -> list[int]:
-    """Indices of the pairs whose both images the selector passes against the caption, judged in shards."""
-    with accelerator.split_between_processes(list(range(len(pairs)))) as mine:
-        kept = []
-        for i in mine:
-            winner, loser, caption, _ = pairs[i]
-            if all(verdict.passed for verdict in selector.judge([winner, loser], prompt=caption)):
-                kept.append(i)
-    return sorted(gather_object(kept))
-
-
-def lora_digest(weights: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of adapter weights: every process of a data-parallel run must report the same one."""
-    digest, weights = hashlib.sha256(), cpu_fp32(weights)
-    for key in sorted(weights):
-        digest.update(key.encode())
-        digest.update(weights[key].numpy().tobytes())
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------- training
-
-
-class PolicyLoss(torch.nn.Module):
-    """A loss of the policy (``dpo_terms``, ``grpo_step``) run as a module whose parameters are the denoiser's
-    (the UNet, or a flow model's transformer).
-
-    Why: DDP syncs gradients only for a backward whose forward went through the DDP wrapper, and both
-    losses make two UNet passes per forward, the policy's and the reference's (the SAME UNet with its
-    adapters disabled by ``policy.reference()``). Wrapping the UNet alone would send one pass through DDP
-    and the other around it; wrapping the whole loss keeps ``dpo_terms`` and ``grpo_step`` untouched and
-    gives DDP one forward per backward. Frozen weights have ``requires_grad`` False, so DDP syncs only the
-    adapters. ``policy`` is a plain attribute, so the VAE and text encoder are not registered here.
-    """
-
-    def __init__(self, policy: Policy):
-        super().__init__()
-        self.denoiser = policy.denoiser  # the UNet, or a flow model's transformer
-        self.policy = policy
-
-    def forward(self, loss, *args):
-        return loss(self.policy, *args)
+# ---------------------------------------------------------------------- the trainer
 
 
 class Trainer:
@@ -360,6 +242,12 @@ class Trainer:
         print(f"epoch {self.epoch} (stage {stage}): loss {metrics['loss']:.4g}; wrote {folder} ({agree})")
 
 
+def selector_rewards(selector: Selector, images: list[Image.Image], prompt: str) -> torch.Tensor:
+    """The selector's quality for the images it passes, 0 for those it rejects: a blank image still has a
+    quality score, and a broken one none, and neither may earn a reward."""
+    return torch.tensor([v.quality if v.passed else 0.0 for v in selector.judge(images, prompt=prompt)])
+
+
 def tracker_config(config: TrainConfig) -> dict:
     """The config flattened for trackers: tensorboard's hparams take only numbers, strings and booleans."""
     flat = {}
@@ -367,36 +255,6 @@ def tracker_config(config: TrainConfig) -> dict:
         for sub, item in (value.items() if isinstance(value, dict) else [("", value)]):
             flat[f"{key}.{sub}" if sub else key] = "" if item is None else item
     return flat
-
-
-def train(config: TrainConfig) -> Path:
-    """Run the configured training; returns the run folder (the one the main process writes)."""
-    config.check()
-    if config.report_to == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user set WANDB_MODE
-    data = read_prompts(config.prompts) if config.algorithm == "grpo" else preference_pairs(config.data)  # fail before loading
-    if not len(data):
-        raise ValueError(f"{config.data} has no decided pair to learn from: every row is a tie")
-    trainer = Trainer(config)
-    say = trainer.accelerator.print  # main process only
-    say(f"{trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}; run folder {trainer.run_dir}")
-    if config.algorithm == "grpo":
-        say(f"{config.prompts}: {len(data)} prompts, groups of {config.group_size}")
-        trainer.fit(data, list, trainer.grpo_backward, stage=1)
-    else:
-        if isinstance(data, RatingsPairs):
-            say(f"{config.data}: {data.report}; {len(data)} pairs within prompts, {data.ties} ties dropped")
-        else:
-            say(f"{config.data}: {len(data) + data.ties} rows, {data.ties} ties dropped, {len(data)} pairs")
-        say(f"stage 1: {len(data)} pairs")
-        trainer.fit(data, collate_pairs, trainer.dpo_backward, stage=1)
-        if config.two_stage:
-            kept = selector_passed(trainer.accelerator, trainer.selector, data)
-            say(f"stage 2: {len(kept)} of {len(data)} pairs have both images passed by the selector")
-            if kept:
-                trainer.fit(Subset(data, kept), collate_pairs, trainer.dpo_backward, stage=2)
-    trainer.accelerator.end_training()
-    return trainer.run_dir
 
 
 # ---------------------------------------------------------------------- command line

@@ -10,8 +10,9 @@ On CPUs, ``accelerate launch --cpu --num_processes N`` starts ONE process unless
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`` (torchrun, gloo). The run prints
 how many processes it has.
 
-This file reads top to bottom: the run's settings (``TrainConfig``), the run (``train``), the trainer
-(``Trainer``) and the command line. The data it reads is ``optim.train_data``'s: Pick-a-Pic parquet pairs (ties dropped, and how many is
+This file reads top to bottom: the run's settings (``TrainConfig``, the in-process update's
+``UpdateConfig`` with offline defaults), the run (``train``), the trainer (``Trainer``) and the command
+line. The data it reads is ``optim.train_data``'s: Pick-a-Pic parquet pairs (ties dropped, and how many is
 printed) or pairs within each prompt of a ratings CSV (``--data RATINGS.csv``). What running on many
 processes takes is ``optim.distributed``'s.
 
@@ -44,7 +45,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -56,33 +57,41 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from optim.distributed import PolicyLoss, lora_digest, selector_passed
 from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
-from optim.grpo import GRPOConfig, group_advantages, grpo_pass, grpo_step
+from optim.grpo import group_advantages, grpo_pass, grpo_step
 from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.selector import GATES, Selector
 from optim.train_data import PickAPicPairs, RatingsPairs, collate_pairs, preference_pairs, read_prompts  # noqa: F401
 from optim.trajectory import Condition
+from optim.update import ALGORITHMS, UpdateConfig
 from optim.versions import cpu_fp32
 
-ALGORITHMS = ("dpo", "grpo")
 TRACKERS = ("tensorboard", "wandb", "none")
+
+#: ``UpdateConfig``'s fields that belong to one in-process update and mean nothing offline: a run takes
+#: one optimizer step per batch for its epochs (batch_size pairs or prompts per process), trains every
+#: stored step of a GRPO group, and has no trust region.
+IN_PROCESS_ONLY = ("optimizer_steps", "kl_budget", "train_fraction", "train_window", "kl_groups", "micro_batch")
 
 
 # ---------------------------------------------------------------------- settings
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(UpdateConfig):
+    """An offline run: the in-process update's settings (``UpdateConfig``: the algorithm, AdamW's, GRPO's
+    and DPO's), with the defaults of many steps over a dataset rather than a few on the groups at hand,
+    then what to train on and how to run. ``IN_PROCESS_ONLY`` fields stay at their defaults."""
+
     algorithm: str = "dpo"
-    data: str | None = None  # Pick-a-Pic parquet file (dpo)
+    learning_rate: float = 1e-4  # many steps over a dataset, where an in-process update takes a few on a few groups
+    weight_decay: float = 1e-2
+    seed: int = 0  # a run is reproducible unless asked otherwise
+    data: str | None = None  # Pick-a-Pic parquet file, or a ratings CSV (dpo)
     prompts: str | None = None  # text file, one prompt a line (grpo)
     model: str | None = None  # diffusers folder; None: the embedded model
     out: str = "checkpoints"
     epochs: int = 1  # per stage
     batch_size: int = 4  # pairs (dpo) or prompts (grpo) per process and step
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    seed: int = 0
     lora_rank: int = 4
     two_stage: bool = False
     selector: str | None = None  # selector folder; None: the embedded selector
@@ -91,8 +100,6 @@ class TrainConfig:
     guidance: float = 5.0  # grpo: classifier-free guidance while sampling
     report_to: str = "tensorboard"
     dtype: str | None = None  # frozen networks: bf16 | fp16 | fp32; None: the launch's mixed precision, else the policy's default
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def check(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -108,6 +115,12 @@ class TrainConfig:
             raise ValueError("--two-stage filters preference pairs: it needs --algorithm dpo")
         if self.epochs < 1 or self.batch_size < 1 or self.group_size < 2:
             raise ValueError("epochs and batch size must be at least 1, and a group at least 2 candidates")
+        if changed := [name for name in IN_PROCESS_ONLY if getattr(self, name) != getattr(UpdateConfig, name)]:
+            raise ValueError(f"{', '.join(changed)}: settings of an in-process update, which offline training does not use")
+
+    def settings(self) -> dict:
+        """The settings this run uses, as plain values (meta.json, the trackers)."""
+        return {key: value for key, value in asdict(self).items() if key not in IN_PROCESS_ONLY}
 
 
 # ---------------------------------------------------------------------- the run
@@ -236,7 +249,7 @@ class Trainer:
         metrics = {key: sum(h[key] for h in history) / len(history) for key in history[0]}
         meta = {"epoch": self.epoch, "stage": stage, "pairs" if self.config.algorithm == "dpo" else "prompts": examples,
                 "steps_per_process": len(history), "metrics": metrics, "base_model": str(self.policy.model_path),
-                "replica_digests": digests, "config": asdict(self.config)}
+                "replica_digests": digests, "config": self.config.settings()}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
         agree = "all processes agree" if len(set(digests)) == 1 else "PROCESSES DISAGREE"
         print(f"epoch {self.epoch} (stage {stage}): loss {metrics['loss']:.4g}; wrote {folder} ({agree})")
@@ -251,7 +264,7 @@ def selector_rewards(selector: Selector, images: list[Image.Image], prompt: str)
 def tracker_config(config: TrainConfig) -> dict:
     """The config flattened for trackers: tensorboard's hparams take only numbers, strings and booleans."""
     flat = {}
-    for key, value in asdict(config).items():
+    for key, value in config.settings().items():
         for sub, item in (value.items() if isinstance(value, dict) else [("", value)]):
             flat[f"{key}.{sub}" if sub else key] = "" if item is None else item
     return flat

@@ -35,6 +35,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data.experts import LEVELS  # noqa: E402
 from data.phantoms import all_prompts  # noqa: E402
 from workbench.api import (  # noqa: E402
     EXPORT_FILES, GPU, MAX_AI_GROUPS, MAX_PROMPT_CHARS, OUTBOX_HOURS, RoomAPI, app_options, clear_errors, login_function,
@@ -98,7 +99,7 @@ class Page:
             self.who = gr.Markdown()
         with gr.Row(visible=self.local):
             self.name = gr.Textbox(label="Your name (rankings are stored under it)", max_length=100, scale=3)
-            self.level = gr.Dropdown([1, 2, 3], value=1, label="Your level (weights your votes)", scale=1)
+            self.level = gr.Dropdown(list(LEVELS), value=1, label="Your level (weights your votes)", scale=1)
         self.remembered = gr.BrowserState(["", 1], storage_key="workbench-expert")
         self.me = [self.name, self.level]
         self.admin_only: list = []  # groups and tabs shown to admins only (in local mode, to everyone)

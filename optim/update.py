@@ -39,9 +39,11 @@ scale, like fp32's, is 1.
 Guards, each with a plain report:
 
 - a non-finite loss or gradient: no step is taken, nothing is saved, the previous weights stay;
-- a trust region: the KL of the step kernels (on the trained steps of the groups' own stored chains)
-  from the previous version's may not exceed ``kl_budget``. The KL is measured before every optimizer
-  step (for GRPO it comes free with the forward pass) and once after the last: the update stops at
+- a trust region: the KL of the step kernels (on every scored step of the groups' own stored chains,
+  trained or not: the adapters act on all of them, and the late steps' small std makes their KL the
+  largest) from the previous version's may not exceed ``kl_budget``. The KL is measured before every
+  optimizer step (for GRPO the trained steps' comes free with the forward pass, the others' costs a
+  forward pass without gradients) and once after the last: the update stops at
   the last step within the budget and keeps it, and is refused only when its first step already
   crosses it.
 
@@ -222,6 +224,7 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def step_kernels(policy: Policy, groups: list[RankedGroup], plan: list[list[int]] | None = None,
                  micro_batch: int = 0) -> Kernels:
     """(mean, std) of the planned stored steps' kernels (all steps by default) under the current weights,
@@ -256,6 +259,8 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
     seed = config.seed if config.seed is not None else secrets.randbits(31)
     generator = torch.Generator().manual_seed(seed)
     plan = trained_steps(groups, config.train_fraction, generator, config.train_window)
+    # The trust region watches every scored step, not only the trained ones: the adapters act on all of them.
+    untrained = [[j for j in g.trajectory.scored_steps() if j not in steps] for g, steps in zip(groups, plan)]
     previous = policy.lora_state_dict()
     parameters = policy.lora_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -272,8 +277,9 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
                     kernels: Kernels = {}
                     metrics = scale.backward(lambda s: grpo_backward(policy, groups, config, plan, references, kernels, s),
                                              parameters)
+                    kernels.update(step_kernels(policy, groups, untrained, config.micro_batch))
                 else:
-                    kernels = step_kernels(policy, groups[probe], plan[probe], config.micro_batch)
+                    kernels = step_kernels(policy, groups[probe], None, config.micro_batch)
                     metrics = scale.backward(lambda s: dpo_backward(policy, groups, config, generator, s), parameters)
                 before = kernels if before is None else before
                 kl = kl_between(before, kernels)  # of the weights this step starts from
@@ -288,7 +294,7 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
                 if on_step is not None:
                     on_step(k + 1, config.optimizer_steps)
         if stopped is None:
-            kl = kl_between(before, step_kernels(policy, groups[probe], plan[probe], config.micro_batch))
+            kl = kl_between(before, step_kernels(policy, groups[probe], None, config.micro_batch))
             if not math.isfinite(kl) or kl > config.kl_budget:
                 stopped = kl
             else:

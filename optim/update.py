@@ -280,7 +280,9 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
                     kernels.update(step_kernels(policy, groups, untrained, config.micro_batch))
                 else:
                     kernels = step_kernels(policy, groups[probe], None, config.micro_batch)
-                    metrics = scale.backward(lambda s: dpo_backward(policy, groups, config, generator, s), parameters)
+                    draws = generator.get_state()  # a loss-scale retry redoes this step with the same (t, noise)
+                    metrics = scale.backward(lambda s: dpo_backward(policy, groups, config, generator.set_state(draws), s),
+                                             parameters)
                 before = kernels if before is None else before
                 kl = kl_between(before, kernels)  # of the weights this step starts from
                 if not math.isfinite(kl) or kl > config.kl_budget:

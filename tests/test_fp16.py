@@ -94,3 +94,33 @@ def test_offline_training_refuses_fp16_without_accelerates_loss_scaler(tmp_path)
             Trainer(TrainConfig(algorithm="grpo", prompts="unused.txt", out=str(tmp_path), report_to="none", dtype="fp16"))
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_a_dpo_step_recomputed_at_a_lower_loss_scale_keeps_its_timesteps_and_noise(moved, tmp_path, monkeypatch):
+    """An overflow retry must redo the same step: the same pairs' (t, noise), not a fresh draw."""
+    import optim.dpo
+
+    draws = []
+    original_draw = optim.dpo.NoiseDraws.draw
+
+    def recording_draw(*args, **kwargs):
+        draws.append(original_draw(*args, **kwargs))
+        return draws[-1]
+
+    def overflow_once(self, run, parameters):  # as LossScale.backward does after one overflow
+        run(self.value)
+        for p in parameters:
+            p.grad = None
+        self.value /= 2
+        return run(self.value)
+
+    monkeypatch.setattr(optim.dpo.NoiseDraws, "draw", staticmethod(recording_draw))
+    monkeypatch.setattr(LossScale, "backward", overflow_once)
+    model = moved[0]
+    trajectory = model.sample(PROMPT, n=4, seed=1, **TINY).trajectory
+    group = RankedGroup("g", IDS, trajectory, [([["c2"], ["c0", "c3"], ["c1"]], 2)])
+    result = apply_update(model, VersionStore(tmp_path / "v"), [group],
+                          UpdateConfig(algorithm="dpo", optimizer_steps=2, kl_budget=float("inf"), seed=0))
+    assert result.applied and len(draws) == 4  # two optimizer steps, each run twice
+    assert torch.equal(draws[0].noise, draws[1].noise) and torch.equal(draws[0].timesteps, draws[1].timesteps)
+    assert not torch.equal(draws[1].noise, draws[2].noise)  # the next optimizer step draws afresh

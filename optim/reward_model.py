@@ -13,8 +13,8 @@ retrain in seconds on a CPU whenever an update runs:
   (``SelectorFeatures``), the generator's VAE latents pooled into a small vector (``LatentFeatures``),
   or grey-level statistics of the pixels (``PixelFeatures``); ``featurizer`` builds one by name.
   The latents are the default: on ``tests/benchmarks/bench_reward_model.py`` (40 generated groups,
-  30 to train, 5 splits; since measured with cross-validation, see the README) they order held-out pairs 90% right for the contrast expert and 99.6% for
-  the brightness expert, against the selector trunk's 75% and 85%.
+  4-fold cross-validation over groups, so 30 train each fit) they order held-out pairs 90.1% right for
+  the contrast expert and 99.3% for the brightness expert, against the selector trunk's 74.4% and 81.0%.
   Each feature is centred on the images the comparisons use and scaled by the root mean square of
   its winner-minus-loser differences (``_standardisation`` says why not by its spread over images).
 - **Bradley-Terry.** The reward is a linear function of the standardised features; the loss is the

@@ -59,16 +59,12 @@ def fit_reward_model(store: Store, features, config: AmplifyConfig) -> RewardMod
     rankings and imported ratings it learned from.
     """
     images, comparisons, seen = [], [], {"rankings": [], "imported_ratings": []}
-    rankings: dict[str, list] = {}
-    for r in store.rankings():
-        if not r["skipped"]:
-            rankings.setdefault(r["group_id"], []).append(r)
-    if len(rankings) < config.min_ranked_groups:
+    ranked = store.groups_with_rankings()  # a fixed number of queries, however many groups
+    if len(ranked) < config.min_ranked_groups:
         return None
-    for group_id, rows in rankings.items():
-        group = store.get_group(group_id)
-        survivors = [c for c in group["candidates"] if c["passed"]]
-        comparisons += comparisons_from_rankings(group_id, len(images), [c["id"] for c in survivors],
+    for group in ranked:
+        survivors, rows = group["passed_candidates"], group["rankings"]
+        comparisons += comparisons_from_rankings(group["id"], len(images), [c["id"] for c in survivors],
                                                  [(r["tiers"], r["level"]) for r in rows])
         images += [_image(store, c["image"]) for c in survivors]
         seen["rankings"] += [r["id"] for r in rows]

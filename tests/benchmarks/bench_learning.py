@@ -87,7 +87,11 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
             room.rank(group.id, tiers, expert="simulated", level=3)
         if (g + 1) % args.groups_per_update == 0 or g == args.groups - 1:
             started = time.perf_counter()
-            update = room.apply_update(algorithm, config=config, ai_groups=ai_groups)
+            try:
+                update = room.apply_update(algorithm, config=config, ai_groups=ai_groups)
+            except ValueError as nothing:  # every new group tied throughout: no preference to learn from
+                print(f"  [{expert_name} {algorithm} ai={ai_groups}] after group {g + 1}: no update: {nothing}", flush=True)
+                continue
             update_times.append(time.perf_counter() - started)
             metrics = update.metrics if update.applied else metrics
             print(f"  [{expert_name} {algorithm} ai={ai_groups}] after group {g + 1}: {update.message} "

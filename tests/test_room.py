@@ -192,3 +192,34 @@ def test_an_export_reads_the_store_in_a_fixed_number_of_queries(tmp_path):
     assert queries == four
     with zipfile.ZipFile(zipped) as archive:
         assert archive.read("medical_ratings.csv").decode().count("\n") == 5  # the header and one rating a group
+
+
+def test_an_update_whose_images_the_selector_refuses_more_than_the_base_is_refused(tmp_path, monkeypatch):
+    """The reward-hacking guard: the probe's pass rate is measured on the base model (adapters off) and on
+    the trained weights; more than ``max_pass_rate_drop`` fewer passing refuses the update."""
+    from dataclasses import replace
+
+    room = ControlRoom(workdir=tmp_path, config=replace(CONFIG, pass_rate_probe=6, max_pass_rate_drop=0.125))
+    prompts = [PROMPT, "MRI: axial slice of the brain"]
+    for k, prompt in enumerate(prompts):
+        group = room.generate(prompt, seed=k)
+        room.rank(group.id, [[c.id] for c in group.survivors], expert="ann")
+    judge, probes = room.sampler.selector.judge, []
+
+    def spoiled_once_trained(images, prompt=None):  # the trained weights' candidates of the second prompt fail
+        verdicts = judge(images, prompt=prompt)
+        probes.append((prompt, len(images)))
+        if len(probes) > 2 and prompt == prompts[1]:
+            verdicts = [replace(v, passed=False, reasons=["spoiled"]) for v in verdicts[:1]] + verdicts[1:]
+        return verdicts
+
+    monkeypatch.setattr(room.sampler.selector, "judge", spoiled_once_trained)
+    result = room.apply_update("dpo")
+    assert probes == [(prompts[0], 3), (prompts[1], 3)] * 2  # six candidates over the update's two prompts
+    assert not result.applied and room.policy.version == "v0"
+    assert result.message == ("update refused: the selector passes 83% of 6 candidates on fixed seeds where the base "
+                              "model passes 100% (more than 12% fewer): the update would spoil the images; v0 stays current")
+    assert len(room.store.unused_ranked_groups()) == 2  # the groups wait for the next update
+
+    monkeypatch.setattr(room.sampler.selector, "judge", judge)
+    assert room.apply_update("dpo").applied  # unspoiled, the trained weights pass as the base does

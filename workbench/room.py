@@ -70,8 +70,8 @@ class RoomConfig:
     eta: float = 1.0
     update: UpdateConfig = field(default_factory=UpdateConfig)
     amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
-    pass_rate_probe: int = 8  # candidates drawn on fixed seeds before and after an update (0: no check)
-    max_pass_rate_drop: float = 0.25  # a larger drop in the probe's selector pass rate refuses the update
+    pass_rate_probe: int = 16  # candidates drawn on fixed seeds, over the update's prompts, to check it (0: no check)
+    max_pass_rate_drop: float = 0.125  # trained weights passing the selector this much less than the base: refused
 
 
 @dataclass
@@ -373,28 +373,37 @@ class ControlRoom:
         return RankedGroup(group_id, ids, result.trajectory, ai=AIRanking(drawn.scores, drawn.agreement, weight))
 
     def _pass_rate_check(self, groups: list[RankedGroup]):
-        """A check for ``apply_update``: the selector's pass rate on fixed seeds may not drop by more than
-        ``max_pass_rate_drop`` from the current weights to the trained ones (a reward-hacking guard)."""
+        """A check for ``apply_update`` (a reward-hacking guard): on ``pass_rate_probe`` fixed seeds spread over
+        the update's prompts (up to 8), the trained weights' selector pass rate may not fall more than
+        ``max_pass_rate_drop`` below the base model's (adapters off).
+
+        Against the base, not the current version: a run of updates that each spoil a little is caught
+        when the sum crosses the bar (a brightness expert's GRPO run once lost every CT candidate in four
+        updates that each passed a check against the version before).
+        """
         count = self.config.pass_rate_probe
         if not count:
             return None
-        prompts = list(dict.fromkeys(g.trajectory.prompt for g in groups))[:2]
-        per_prompt = -(-count // len(prompts))
+        prompts = list(dict.fromkeys(g.trajectory.prompt for g in groups))[:8]
+        shares = [count // len(prompts) + (k < count % len(prompts)) for k in range(len(prompts))]
 
         def pass_rate() -> float:
             passed = []
-            for k, prompt in enumerate(prompts):
-                images = self.policy.sample(prompt, n=per_prompt, seed=PROBE_SEED + k, **self._sampling()).images
-                passed += [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
+            for k, (prompt, n) in enumerate(zip(prompts, shares)):
+                if n:
+                    images = self.policy.sample(prompt, n=n, seed=PROBE_SEED + k, **self._sampling()).images
+                    passed += [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
             return sum(passed) / len(passed)
 
-        before = pass_rate()
+        with self.policy.reference():
+            base = pass_rate()
 
         def accept() -> str | None:
             after = pass_rate()
-            if before - after > self.config.max_pass_rate_drop:
-                return (f"the selector's pass rate on fixed seeds fell from {before:.0%} to {after:.0%} (more than "
-                        f"{self.config.max_pass_rate_drop:.0%} down): the update would spoil the images")
+            if base - after > self.config.max_pass_rate_drop:
+                return (f"the selector passes {after:.0%} of {count} candidates on fixed seeds where the base model "
+                        f"passes {base:.0%} (more than {self.config.max_pass_rate_drop:.0%} fewer): the update would "
+                        "spoil the images")
             return None
 
         return accept

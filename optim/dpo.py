@@ -68,13 +68,6 @@ class DPOTerms:
     accuracy: float  # implicit accuracy
 
 
-def denoising_error(policy: Policy, latents, noise, timesteps, prompt_embeds) -> torch.Tensor:
-    """Per-sample mean squared error of the network's prediction on noised latents, the family's own
-    (``Policy.denoising_error``): the epsilon or v target of a DDIM family, the velocity ``eps - x0`` of a
-    flow-matching one (noised to ``(1 - s) x0 + s eps``), computed in fp32 whatever the model's dtype."""
-    return policy.denoising_error(latents, noise, timesteps, prompt_embeds)
-
-
 def dpo_terms(
     policy: Policy,
     winners: torch.Tensor,
@@ -100,9 +93,11 @@ def dpo_terms(
     latents = torch.cat([winners.repeat(draws, 1, 1, 1), losers.repeat(draws, 1, 1, 1)]).to(device)
     inputs = (latents, torch.cat([noise, noise]).to(device), torch.cat([timesteps, timesteps]).to(device),
               (prompt_embeds if isinstance(prompt_embeds, Condition) else Condition(prompt_embeds)).repeat(2 * draws).to(device))
-    error = denoising_error(policy, *inputs).view(2, draws, pairs).mean(dim=1)
+    # the family's own per-sample error, in fp32: the epsilon or v target of a DDIM family, the velocity
+    # eps - x0 of a flow-matching one (noised to (1 - s) x0 + s eps)
+    error = policy.denoising_error(*inputs).view(2, draws, pairs).mean(dim=1)
     with torch.no_grad(), policy.reference():
-        reference_error = denoising_error(policy, *inputs).view(2, draws, pairs).mean(dim=1)
+        reference_error = policy.denoising_error(*inputs).view(2, draws, pairs).mean(dim=1)
     implicit_reward = -0.5 * config.beta * (error - reference_error)  # (2, P): winners, losers
     margin = implicit_reward[0] - implicit_reward[1]
     if config.loss_type == "sigmoid":

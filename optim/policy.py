@@ -26,17 +26,14 @@ import json
 import sys
 from pathlib import Path
 
-from optim.generators import FAMILIES, check_model_folder, family_for, load_generator  # noqa: F401
+from optim.generators import FAMILIES, family_for, load_generator  # noqa: F401
 from optim.generators.base import (  # noqa: F401
     DECODE_CHUNK, DEFAULT_MODEL, DTYPES, MAX_CANDIDATES, Generator, ModelLoadError, Samples, candidate_seeds, dtype_name,
     resolve_dtype,
 )
-from optim.generators.stable_diffusion import StableDiffusion
 from optim.versions import VersionStore
 
 Policy = Generator  # the name the README, the room and the tests use
-SUPPORTED_PIPELINES = tuple(name for family in FAMILIES for name in family.pipeline_classes)
-LORA_TARGETS = StableDiffusion.lora_targets
 
 
 # ---------------------------------------------------------------------- command line

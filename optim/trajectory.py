@@ -110,9 +110,13 @@ class Trajectory:
         """One group from several draws of the same prompt and settings (rejection sampling draws in batches)."""
         first = parts[0]
         for part in parts[1:]:
-            if (part.prompt != first.prompt or part.settings != first.settings or not torch.equal(part.timesteps, first.timesteps)
-                    or part.noise_level != first.noise_level or part.fixed_steps != first.fixed_steps):
-                raise ValueError("trajectories of different prompts or sampling settings cannot form one group")
+            differs = [name for name, same in (
+                ("prompt", part.prompt == first.prompt), ("sampling settings", part.settings == first.settings),
+                ("timesteps", torch.equal(part.timesteps, first.timesteps)), ("noise level", part.noise_level == first.noise_level),
+                ("fixed steps", part.fixed_steps == first.fixed_steps)) if not same]
+            if differs:
+                raise ValueError(f"trajectories of different {', '.join(differs)} cannot form one group: "
+                                 f"{'; '.join(_difference(name, first, part) for name in differs)}")
         return replace(first, seeds=[s for part in parts for s in part.seeds],
                        latents=torch.cat([part.latents for part in parts]), log_probs=torch.cat([part.log_probs for part in parts]))
 
@@ -136,6 +140,18 @@ class Trajectory:
 
 
 OPTIONAL_TENSORS = ("pooled_embeds", "negative_pooled_embeds", "sigmas")
+
+
+def _difference(name: str, first: Trajectory, part: Trajectory) -> str:
+    """How two draws differ in one field, for ``Trajectory.join``'s refusal."""
+    if name == "timesteps":
+        if first.timesteps.shape != part.timesteps.shape:
+            return f"timesteps {len(first.timesteps)} vs {len(part.timesteps)}"
+        j = int((first.timesteps != part.timesteps).nonzero()[0, 0])
+        return f"timestep {j} {first.timesteps[j].item():g} vs {part.timesteps[j].item():g}"
+    field = {"prompt": "prompt", "sampling settings": "settings", "noise level": "noise_level",
+             "fixed steps": "fixed_steps"}[name]
+    return f"{name} {getattr(first, field)!r} vs {getattr(part, field)!r}"
 
 
 def _metadata(data: bytes) -> dict:

@@ -221,8 +221,19 @@ def test_flow_sde_step_matches_the_formulas_by_hand():
     # at s = 1 the next sigma stands in the denominator: std_s = 0.7 sqrt(1 / (1 - 0.9))
     _, _, _, std = flow_sde_step(v, x, 1.0, 0.9, 0.9, 0.7, noise=torch.zeros(1, 1))
     assert std == pytest.approx(0.7 * math.sqrt(10) * math.sqrt(0.1))
-    with pytest.raises(ValueError, match="noise_level must be > 0"):
-        flow_sde_step(v, x, 0.5, 0.25, 0.9, 0.0, noise=torch.zeros(1, 1))
+
+
+def test_the_noise_level_is_refused_outside_0_to_1_saying_why():
+    from optim.generators.kernels import MAX_NOISE_LEVEL, check_noise_level, flow_sde_std
+
+    assert check_noise_level(1) == 1.0 and check_noise_level(0.7) == 0.7
+    for bad in (0.0, -0.1, 1.01, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"noise_level must be in \(0, 1\], got .*: 0 is the ODE, which has no "
+                                             r"log-probability, and above 1 the SDE's first step adds more noise"):
+            check_noise_level(bad)
+    # why 1: the first step's std is a whatever the schedule (s1 cancels), so at 1 it adds the initial latent's noise
+    for s1 in (0.9, 0.964):
+        assert flow_sde_std(1.0, s1, s1, MAX_NOISE_LEVEL)[1] == pytest.approx(1.0)
 
 
 def test_flow_sde_step_scores_its_own_draws_and_tends_to_diffusers_euler_step():
@@ -296,10 +307,12 @@ def test_the_noise_level_is_a_flow_models_setting_recorded_with_its_chains(folde
     assert trajectory.noise_level == pytest.approx(0.15)  # eta scales it
     policy.noise_level = 0.9  # a later change of the setting does not change how stored chains are scored
     assert torch.equal(policy.log_probs(trajectory), trajectory.log_probs)
-    with pytest.raises(ModelLoadError, match="holds a Stable Diffusion XL model, which takes no noise_level setting"):
+    with pytest.raises(ModelLoadError, match=r"holds a Stable Diffusion XL model, which takes no noise_level setting "
+                                             r"\(--noise-level\): only Stable Diffusion 3 / 3.5 and FLUX.1 models do"):
         Policy.load(folders["sdxl"], noise_level=0.3)
-    with pytest.raises(ValueError, match="noise_level must be > 0"):
-        Policy.load(folders["flux"], noise_level=0.0)
+    for bad in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"noise_level must be in \(0, 1\]"):
+            Policy.load(folders["flux"], noise_level=bad)
 
 
 def test_a_flux_schnell_folder_without_guidance_embedding_samples_unguided(tmp_path):

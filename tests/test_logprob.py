@@ -58,6 +58,23 @@ def test_deterministic_step_is_refused_with_a_reason():
         ddim_step(torch.zeros(1, 1), torch.zeros(1, 1), 0.5, 0.8, eta=0.0, noise=torch.zeros(1, 1))
 
 
+def test_both_kernels_take_exactly_one_of_noise_or_prev_sample_also_at_a_zero_variance_step():
+    from optim.generators.kernels import flow_sde_step
+
+    x, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    steps = {"ddim": lambda **given: ddim_step(zero, x, 0.5, 0.8, eta=1.0, **given),
+             "ddim, a_prev = 1": lambda **given: ddim_step(zero, x, 0.5, 1.0, eta=1.0, **given),  # std 0
+             "flow": lambda **given: flow_sde_step(zero, x, 0.5, 0.25, 0.9, 0.7, **given)}
+    for step in steps.values():
+        for given in ({}, {"noise": zero, "prev_sample": x}):
+            with pytest.raises(ValueError, match="give exactly one of noise"):
+                step(**given)
+    # the zero-variance step moves to its mean and scores 0, drawn or scored
+    x_prev, log_prob, mean, std = steps["ddim, a_prev = 1"](noise=torch.full((1, 1), 3.0))
+    assert std == 0.0 and torch.equal(x_prev, mean) and torch.equal(log_prob, torch.zeros(1))
+    assert torch.equal(steps["ddim, a_prev = 1"](prev_sample=x_prev)[1], torch.zeros(1))
+
+
 def test_v_prediction_converts_to_epsilon():
     # x_t = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0  =>  eps = sqrt(a) v + sqrt(1-a) x_t
     a, x0, eps = 0.36, torch.tensor([2.0]), torch.tensor([-1.0])

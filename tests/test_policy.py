@@ -1,6 +1,7 @@
 """The policy on the embedded default model: batched sampling, trajectories, log-probs, versions."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -135,3 +136,28 @@ def test_trajectory_round_trips_through_bytes_and_rescores_exactly(policy):
     for name in ("timesteps", "latents", "log_probs", "prompt_embeds", "negative_embeds"):
         assert torch.equal(getattr(back, name), getattr(trajectory, name))
     assert torch.equal(policy.log_probs(back), back.log_probs)  # a stored group's ratio starts at exactly 1
+
+
+def test_joining_draws_that_differ_names_the_field_that_differs():
+    from dataclasses import replace
+
+    from optim.trajectory import SamplingSettings, Trajectory
+
+    steps = 3
+    base = Trajectory(PROMPT, [1], SamplingSettings(steps=steps), torch.tensor([900.0, 600.0, 300.0]),
+                      torch.zeros(1, steps + 1, 1, 2, 2), torch.zeros(1, steps), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4),
+                      noise_level=0.7)
+    other = replace(base, seeds=[2])
+    assert Trajectory.join([base, other]).seeds == [1, 2]
+    cases = {
+        "noise level 0.7 vs 0.35": replace(other, noise_level=0.35),
+        "fixed steps [] vs [2]": replace(other, fixed_steps=[2]),
+        "prompt": replace(other, prompt="MRI: brain"),
+        "timestep 1 600 vs 500": replace(other, timesteps=torch.tensor([900.0, 500.0, 300.0])),
+        "sampling settings": replace(other, settings=SamplingSettings(steps=steps, eta=0.5)),
+    }
+    for expected, part in cases.items():
+        with pytest.raises(ValueError, match=rf"^trajectories of different [a-z ,]+ cannot form one group: .*{re.escape(expected)}"):
+            Trajectory.join([base, part])
+    with pytest.raises(ValueError, match=r"different noise level, fixed steps cannot form one group"):
+        Trajectory.join([base, replace(other, noise_level=0.35, fixed_steps=[2])])

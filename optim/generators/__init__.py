@@ -53,15 +53,10 @@ def family_for(path: Path) -> type[Generator]:
     raise ModelLoadError(f"{path} holds a {kind}, which is not supported: the workbench loads {supported()}")
 
 
-def check_model_folder(path: Path) -> None:
-    """Refuse, with a message that says what is wrong, anything no family loads."""
-    family_for(path)
-
-
 def load_generator(model: str | Path | None = None, **options) -> Generator:
     """``Generator.load``: the embedded default (None) or a local folder of any supported family."""
     return Generator.load(model, **options)
 
 
 __all__ = ["DEFAULT_MODEL", "FAMILIES", "Flux", "Generator", "ModelLoadError", "Samples", "StableDiffusion", "StableDiffusion3",
-           "StableDiffusionXL", "candidate_seeds", "check_model_folder", "family_for", "load_generator"]
+           "StableDiffusionXL", "candidate_seeds", "family_for", "load_generator"]

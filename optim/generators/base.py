@@ -138,7 +138,7 @@ class Generator(LoraAdapters):
         ``lora``: a diffusers LoRA file the adapters start from (``start_from_lora``). ``options``: the
         family's own settings (the flow families' ``noise_level``).
         """
-        from optim.generators import family_for
+        from optim.generators import FAMILIES, family_for
 
         quiet_libraries()
         path = Path(model) if model is not None else DEFAULT_MODEL
@@ -147,10 +147,11 @@ class Generator(LoraAdapters):
         family = family_for(path)
         if not issubclass(family, cls):
             raise ModelLoadError(f"{path} holds a {family.family} model, not a {cls.family} one")
-        taken = inspect.signature(family.__init__).parameters
         for name in options:
-            if name not in taken:
-                raise ModelLoadError(f"{path} holds a {family.family} model, which takes no {name} setting")
+            if name not in inspect.signature(family.__init__).parameters:
+                takers = [f.family for f in FAMILIES if name in inspect.signature(f.__init__).parameters]
+                raise ModelLoadError(f"{path} holds a {family.family} model, which takes no {name} setting "
+                                     f"(--{name.replace('_', '-')})" + (f": only {' and '.join(takers)} models do" if takers else ""))
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipeline = family.load_pipeline(path, resolve_dtype(dtype, target))
         if target.type == "cuda":  # TF32 matmuls and convolutions for what stays fp32

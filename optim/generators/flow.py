@@ -8,8 +8,9 @@ same marginals that Flow-GRPO derived (``kernels.flow_sde_step``): each step is 
 - Schedule: the checkpoint's own scheduler and the pipeline's own sigmas (SD 3: static shift; FLUX:
   ``np.linspace(1, 1/T, T)`` shifted by the resolution's ``mu``), stored with the chains (``sigmas``), so
   a stored step is re-scored on exactly the sigmas it was drawn with.
-- ``noise_level`` (``Policy.load(path, noise_level=...)``): the SDE's ``a``, default 0.7 (Flow-GRPO's
-  for SD 3.5 and FLUX); a room's ``eta`` scales it (eta 1: the level as set). Higher explores more and
+- ``noise_level`` (``Policy.load(path, noise_level=...)``): the SDE's ``a`` in (0, 1], default 0.7 (Flow-GRPO's
+  for SD 3.5 and FLUX; ``kernels.check_noise_level`` says why not above 1); a room's ``eta`` scales it (eta 1:
+  the level as set). Higher explores more and
   drifts further from the ODE's images; the level the chains were drawn with is stored with them.
 - Guidance: SD 3 uses classifier-free guidance (the empty prompt's embeddings, both halves in one
   transformer call). FLUX-dev is guidance-distilled: the guidance scale is an input of the transformer
@@ -32,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from optim.generators.base import Generator
-from optim.generators.kernels import DEFAULT_NOISE_LEVEL, flow_sde_step
+from optim.generators.kernels import DEFAULT_NOISE_LEVEL, check_noise_level, flow_sde_step
 from optim.trajectory import Condition, Trajectory
 
 TRAIN_GUIDANCE = 3.5  # FLUX-dev's distilled guidance for the DPO error
@@ -48,12 +49,10 @@ class FlowMatching(Generator):
 
     def __init__(self, pipeline, model_path, device, lora_rank: int = 4, noise_level: float = DEFAULT_NOISE_LEVEL,
                  max_sequence_length: int | None = None):
-        if not noise_level > 0:
-            raise ValueError(f"noise_level must be > 0 (the SDE's noise; 0 is the ODE, which has no log-probability), "
-                             f"got {noise_level}")
+        noise_level = check_noise_level(noise_level)  # in (0, 1]: before the adapters are made
         super().__init__(pipeline, model_path, device, lora_rank)
         self.transformer = self.denoiser
-        self.noise_level = float(noise_level)
+        self.noise_level = noise_level
         # T5 tokens of the prompt: the pipeline's default, or fewer when the tokenizer says so
         t5 = getattr(pipeline, self.t5_tokenizer_name, None)
         limit = t5.model_max_length if t5 is not None else self.default_max_sequence_length

@@ -45,6 +45,7 @@ import math
 import torch
 
 DEFAULT_NOISE_LEVEL = 0.7  # Flow-GRPO's noise level a for SD 3.5 and FLUX
+MAX_NOISE_LEVEL = 1.0  # the highest noise level a accepted (``check_noise_level`` says why)
 
 
 def step_alphas(scheduler, timestep: int, num_inference_steps: int) -> tuple[float, float]:
@@ -72,10 +73,13 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Te
 
 
 def _draw_or_score(mean: torch.Tensor, std: float, noise, prev_sample):
-    """``(x_prev, log_prob)``: draw ``mean + std * noise``, or score the given ``prev_sample``."""
+    """``(x_prev, log_prob)``: draw ``mean + std * noise``, or score the given ``prev_sample``. A step with
+    std 0 is deterministic: it moves to its mean (``mean + 0 * noise`` is ``mean``) and its log-probability is 0."""
     if (noise is None) == (prev_sample is None):
         raise ValueError("give exactly one of noise (to sample) or prev_sample (to score)")
     x_prev = mean + std * noise if prev_sample is None else prev_sample
+    if std == 0.0:
+        return x_prev, torch.zeros(mean.shape[0], device=mean.device)
     return x_prev, gaussian_log_prob(x_prev, mean, std)
 
 
@@ -96,18 +100,33 @@ def ddim_step(
     """
     if eta <= 0:
         raise ValueError("eta must be > 0: with eta = 0 DDIM is deterministic and has no log-probability")
-    if (noise is None) == (prev_sample is None):
-        raise ValueError("give exactly one of noise (to sample) or prev_sample (to score)")
     pred_x0 = (x_t - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * math.sqrt(max(variance, 0.0))
     direction = math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
     mean = math.sqrt(alpha_prev) * pred_x0 + direction
-    if std == 0.0:  # set_alpha_to_one's last step: deterministic, no log-probability
-        x_prev = mean if prev_sample is None else prev_sample
-        return x_prev, torch.zeros(x_t.shape[0], device=x_t.device), mean, 0.0
-    x_prev, log_prob = _draw_or_score(mean, std, noise, prev_sample)
+    x_prev, log_prob = _draw_or_score(mean, std, noise, prev_sample)  # std 0: set_alpha_to_one's last step
     return x_prev, log_prob, mean, std
+
+
+def check_noise_level(noise_level: float) -> float:
+    """The Flow-GRPO SDE's noise level ``a`` as a float; a ``ValueError`` saying why outside ``(0, MAX_NOISE_LEVEL]``.
+
+    0 is the ODE, which has no log-probability. The upper bound 1: Flow-GRPO and DanceGRPO treat their
+    noise level as a setting in [0, 1] (Flow-GRPO trains SD 3.5 at 0.7), and the kernel shows why not
+    more. Its first step (``s = 1`` to the schedule's second sigma ``s1``, with ``s1`` in the denominator)
+    has ``std = a`` whatever the schedule: at ``a = 1`` it adds as much fresh noise as the initial latent
+    holds. And each step's mean weighs the current latent by ``1 - a^2 |dt| / (2 (1 - s))``: at most
+    ``1 - 0.58 a^2`` over SD 3's schedule (shift 3) and FLUX's (``mu`` 1.16) at 10 steps, ``1 - 0.92 a^2``
+    at 3 steps, zero at ``a`` of about 1.3 and 1.04. Past that zero a step's mean points away from the
+    latent it starts from: it flips it instead of denoising it. At ``a <= 1`` those schedules keep the
+    weight positive from 3 steps up (a larger shift needs more steps, or a lower level).
+    """
+    if not 0 < noise_level <= MAX_NOISE_LEVEL:
+        raise ValueError(f"noise_level must be in (0, {MAX_NOISE_LEVEL:g}], got {noise_level}: 0 is the ODE, which has "
+                         f"no log-probability, and above {MAX_NOISE_LEVEL:g} the SDE's first step adds more noise than "
+                         f"the initial latent holds (Flow-GRPO uses {DEFAULT_NOISE_LEVEL:g})")
+    return float(noise_level)
 
 
 def flow_sde_std(sigma: float, sigma_next: float, sigma_max: float, noise_level: float) -> tuple[float, float]:
@@ -130,11 +149,10 @@ def flow_sde_step(
     """One Flow-GRPO SDE step from noise level ``sigma`` to ``sigma_next``: ``(x_prev, log_prob, mean, std)``.
 
     ``velocity``: the (guided) velocity prediction at ``x``, fp32. Give ``noise`` to draw, or
-    ``prev_sample`` to score a stored transition, as ``ddim_step``.
+    ``prev_sample`` to score a stored transition, as ``ddim_step``. ``noise_level``: in ``(0, MAX_NOISE_LEVEL]``,
+    which the flow families check once, when the level is set (``check_noise_level``); a room's eta in
+    (0, 1] only lowers it.
     """
-    if not noise_level > 0:
-        raise ValueError(f"noise_level must be > 0: with 0 the flow sampler is the ODE and has no log-probability, "
-                         f"got {noise_level}")
     if not 0 <= sigma_next < sigma <= 1:
         raise ValueError(f"a flow step goes from a higher noise level to a lower one in [0, 1], got {sigma} -> {sigma_next}")
     dt = sigma_next - sigma

@@ -44,11 +44,6 @@ class StableDiffusionXL(StableDiffusion):
         # stored in fp32; exact back in the model's dtype
         return Condition(embeds.float(), pooled.float()), Condition(negative.float(), negative_pooled.float())
 
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's and the empty prompt's embeddings, without the pooled ones (``encode_condition`` has both)."""
-        positive, negative = self.encode_condition(prompt)
-        return positive.embeds, negative.embeds
-
     def unet_kwargs(self, condition: Condition, n: int) -> dict:
         if condition.pooled is None:
             raise ValueError("SDXL's UNet needs the pooled prompt embeddings: this conditioning has none")

@@ -46,17 +46,13 @@ class StableDiffusion(Generator):
     # ------------------------------------------------------------------ conditioning
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_condition(self, prompt: str) -> tuple[Condition, Condition]:
         """Embeddings of the prompt and of the empty prompt (for guidance), each (1, L, D)."""
         tokens = self.tokenizer(
             [prompt, ""], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
         embeds = self.text_encoder(tokens)[0].float()  # stored in fp32; exact back in the model's dtype
-        return embeds[:1], embeds[1:]
-
-    def encode_condition(self, prompt: str) -> tuple[Condition, Condition]:
-        positive, negative = self.encode_prompt(prompt)
-        return Condition(positive), Condition(negative)
+        return Condition(embeds[:1]), Condition(embeds[1:])
 
     def unet_kwargs(self, condition: Condition, n: int) -> dict:
         """What the UNet takes beside the latents, the timestep and the prompt embeddings (SDXL: pooled and time ids)."""

@@ -20,7 +20,9 @@ this module needs nothing else. ``export(kind, records, path, secret=...)`` writ
 - ``ratings_csv``: a zip of ``medical_ratings.csv`` (data.ratings' five columns) and ``images/``:
   one row per ``RatingRecord`` (candidates nobody rated give no row and no image). With
   ``dicom=True`` each image also goes in as a de-identified DICOM Secondary Capture beside its PNG;
-  the CSV names the PNGs.
+  the CSV names the PNGs. The modality column is the group's modality when it is a modality name
+  (``data.modalities.modality_name_problem``, the rule the CSV's reader applies), else ``unknown``
+  (a prompt that names none, or whose prefix is no modality name), so the zip always imports again.
 - ``ab``: blind A/B judgements (``ABJudgementRecord``, not ranked groups), one row each:
   ``judgement_id, user_id, expert_level, prompt, seed, version_a`` (the older version),
   ``version_b`` (the newer), ``left`` (the version shown on the left), ``verdict`` ("a", "b" or
@@ -61,7 +63,7 @@ from PIL import Image
 from data.deid import Deidentifier, deidentify_file
 from data.files import write_atomically
 from data.images import write_secondary_capture
-from data.modalities import DICOM_MODALITY, modality_name
+from data.modalities import DICOM_MODALITY, UNKNOWN_MODALITY, modality_name, modality_name_problem
 from data.ratings import write_ratings
 
 CandidateId = str | int
@@ -98,7 +100,7 @@ class RankedGroupRecord:
     prompt: str
     candidates: list[CandidateRecord]  # in generation order
     rankings: list[RankingRecord]
-    modality: str | None = None  # needed for ratings_csv only
+    modality: str | None = None  # for ratings_csv only: "unknown" there when None or no modality name
     ratings: tuple[RatingRecord, ...] = ()
 
 
@@ -263,10 +265,8 @@ def _write_ratings_zip(records: list[RankedGroupRecord], path: Path, secret: byt
         (root / "images").mkdir()
         rows = []
         for group in records:
-            modality = modality_name(group.modality or "")
-            if group.ratings and not modality:
-                raise ValueError(f"group {group.group_id} has ratings but no modality (its prompt names none: "
-                                 "start it with one, e.g. 'CT: ...')")
+            named = group.modality or ""
+            modality = UNKNOWN_MODALITY if modality_name_problem(named) is not None else modality_name(named)
             candidates = {candidate.id: candidate for candidate in group.candidates}
             for rating in group.ratings:
                 if rating.candidate_id not in candidates:

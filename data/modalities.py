@@ -8,6 +8,12 @@ modality goes through ``canonical_modality`` or ``modality_name``.
 A host's own domain brings its own names (``dermoscopy``, ``fundus``, ``mammography`` ...): a
 selector knows the modalities of the ratings CSV it was trained on (``optim.selector``), and
 ``modality_name`` keeps any other name, in lower case, so ``Fundus`` and ``fundus`` are one modality.
+
+A modality name is short: at most ``MAX_MODALITY_WORDS`` words and ``MAX_MODALITY_CHARS`` characters of
+letters, digits and ``MODALITY_PUNCTUATION`` (``modality_name_problem``). The ratings CSV refuses a
+row whose name is not one, and a prompt's prefix is its modality only when it is one, so that a prompt
+such as ``Axial slice, soft-tissue window: liver`` names no modality and an exported ratings CSV always
+imports again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 MODALITIES = ("CT", "MRI", "XRAY", "OCT")
+
+#: The longest modality name (it becomes a prompt prefix and a label on the page), in characters and words.
+MAX_MODALITY_CHARS = 40
+MAX_MODALITY_WORDS = 4
+#: What a modality name may hold besides letters, digits and single spaces (``PET/CT``, ``T1-weighted MRI``).
+MODALITY_PUNCTUATION = "-/+.()'&"
+
+#: The modality an export writes where a rated image's prompt names none (the ratings CSV needs one).
+UNKNOWN_MODALITY = "unknown"
 
 #: How each modality reads in a message to an expert.
 MODALITY_NAMES = {"CT": "CT", "MRI": "MRI", "XRAY": "chest X-ray", "OCT": "OCT"}
@@ -56,6 +71,18 @@ def modality_name(name: str) -> str:
     return canonical_modality(name) or " ".join(str(name).split()).lower()
 
 
+def modality_name_problem(text: str) -> str | None:
+    """Why ``text`` is not a modality name (judged as ``modality_name`` keeps it), in words; None when it is one."""
+    name = modality_name(text)
+    if not name:
+        return "empty"
+    if (len(name) > MAX_MODALITY_CHARS or len(name.split()) > MAX_MODALITY_WORDS
+            or not all(c.isalnum() or c == " " or c in MODALITY_PUNCTUATION for c in name)):
+        return (f"{str(text).strip()[:60]!r} is not a modality name (at most {MAX_MODALITY_WORDS} words and "
+                f"{MAX_MODALITY_CHARS} characters: letters, digits, spaces and {' '.join(MODALITY_PUNCTUATION)})")
+    return None
+
+
 def display_name(modality: str) -> str:
     """How a modality reads in a message to an expert: ``chest X-ray`` for ``XRAY``, other names as kept."""
     return MODALITY_NAMES.get(modality, modality)
@@ -63,7 +90,10 @@ def display_name(modality: str) -> str:
 
 def modality_of_prompt(prompt: str, known: Iterable[str] | None = MODALITIES) -> str | None:
     """The modality a prompt asks for, read from its prefix (``CT:``, ``Dermoscopy:`` ...), when it is one
-    of ``known`` (a selector's modalities; the built-in four by default; None: any prefix); None otherwise."""
+    of ``known`` (a selector's modalities; the built-in four by default; None: any prefix that is a modality
+    name, ``modality_name_problem``); None otherwise."""
     head, colon, _ = prompt.strip().partition(":")
-    name = modality_name(head) if colon else ""
-    return name if name and (known is None or name in set(known)) else None
+    if not colon or modality_name_problem(head) is not None:
+        return None
+    name = modality_name(head)
+    return name if known is None or name in set(known) else None

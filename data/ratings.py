@@ -3,7 +3,8 @@
 One row per rated image, columns ``image_path,rating,modality,expert_level,prompt`` (MINIM's
 layout). A rating on the configured scale (1-3 by default) becomes a score in [0, 1]; the expert
 level (1-3) is kept as given, for the trainer to use as a loss weight, never to change a label; the
-modality may be any name (a host's own domain: see ``RatingsConfig.modalities``).
+modality may be any short name (a host's own domain: see ``RatingsConfig.modalities``; what a modality
+name may hold: ``data.modalities.modality_name_problem``).
 
 Experts edit these files in spreadsheets, so a faulty row must not cost them the rest of the file:
 ``read_ratings`` checks every row, keeps the good ones, and names each fault by the row number the
@@ -28,16 +29,13 @@ import pandas as pd
 
 from data.experts import LEVELS
 from data.images import ImageReadError, read_image
-from data.modalities import modality_name
+from data.modalities import modality_name, modality_name_problem
 
 #: The columns of a ratings file, in the order ``write_ratings`` writes them.
 COLUMNS = ("image_path", "rating", "modality", "expert_level", "prompt")
 
 #: The columns of ``Ratings.rows``.
 ROW_COLUMNS = ("row", "image_path", "path", "rating", "score", "modality", "expert_level", "prompt")
-
-#: The longest modality name a ratings file may use (it becomes a prompt prefix and a label on the page).
-MAX_MODALITY_CHARS = 40
 
 #: The most a ratings zip may unpack to: entries, and bytes uncompressed (a zip bomb is refused unread).
 MAX_ARCHIVE_FILES = 20_000
@@ -253,12 +251,10 @@ def _expert_level(text: str) -> int:
 
 
 def _modality(text: str, known: tuple[str, ...] | None) -> str:
+    problem = modality_name_problem(text)  # the one rule, shared with prompts and exports (data.modalities)
+    if problem is not None:
+        raise _Invalid(problem)
     modality = modality_name(text)
-    if not modality:
-        raise _Invalid("empty")
-    if len(modality) > MAX_MODALITY_CHARS or not modality.isprintable() or ":" in modality:
-        raise _Invalid(f"{text.strip()[:60]!r} is not a modality name (at most {MAX_MODALITY_CHARS} printable "
-                       "characters, no ':')")
     if known is not None and modality not in known:
         raise _Invalid(f"{text.strip()!r} is not a modality the selector knows; use one of {', '.join(known)}")
     return modality

@@ -10,13 +10,15 @@ import pytest
 from safetensors import safe_open
 
 from data.images import write_png
-from data.modalities import MODALITIES, modality_name, modality_of_prompt
+from data.modalities import MODALITIES, modality_name, modality_name_problem, modality_of_prompt
 from data.phantoms import make_phantom
 from data.ratings import RatingsConfig, read_ratings, write_ratings
 from optim.selector import GATES, Selector
 from optim.selector_training import TrainingConfig, train_selector
 from tests.conftest import FAST
 from workbench.room import ControlRoom, RoomConfig
+
+NAME_RULE = "(at most 4 words and 40 characters: letters, digits, spaces and - / + . ( ) ' &)"
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,8 @@ def test_a_hosts_modalities_load_from_its_ratings_csv_and_a_fixed_list_names_the
     ratings = read_ratings(tmp_path / "ratings.csv")
     assert ratings.rows["modality"].tolist() == ["dermoscopy", "MRI"]  # other names in lower case, known ones canonical
     assert [str(e) for e in ratings.errors] == [
-        "row 4: modality: 'fundus: photo' is not a modality name (at most 40 printable characters, no ':')",
-        f"row 5: modality: '{'m' * 41}' is not a modality name (at most 40 printable characters, no ':')",
+        f"row 4: modality: 'fundus: photo' is not a modality name {NAME_RULE}",
+        f"row 5: modality: '{'m' * 41}' is not a modality name {NAME_RULE}",
         "row 6: modality: empty",
     ]
     fixed = read_ratings(tmp_path / "ratings.csv", config=RatingsConfig(modalities=MODALITIES))
@@ -71,7 +73,11 @@ def test_prompts_name_a_modality_the_selector_knows():
     assert modality_of_prompt("Fundus photo: optic disc", ("fundus photo",)) == "fundus photo"
     assert modality_of_prompt("Fundus: optic disc") is None  # not one of the built-in four
     assert modality_of_prompt("CT: liver", ("dermoscopy",)) is None
-    assert modality_of_prompt("Dermoscopy: lesion", known=None) == "dermoscopy"  # any prefix
+    assert modality_of_prompt("Dermoscopy: lesion", known=None) == "dermoscopy"  # any prefix that is a modality name
+    assert modality_of_prompt("PET/CT: staging", known=None) == "pet/ct"
+    for prompt in ("Axial slice, soft-tissue window: liver", f"{'m' * 41}: x", "a b c d e: x", "\x00ct: x"):
+        assert modality_of_prompt(prompt, known=None) is None, prompt
+    assert modality_name_problem("Fundus  photo") is None and modality_name_problem(" ") == "empty"
 
 
 def test_a_new_selector_learns_the_csvs_modalities_and_keeps_them_with_its_weights(derm_selector):
@@ -146,6 +152,22 @@ def test_a_room_on_the_gates_alone_serves_a_new_domain_and_exports_its_modality(
     page = build_page(RoomAPI(room, None))
     shown = [block.value for block in page.blocks.values() if getattr(block, "elem_id", None) == "selector-info"]
     assert shown == [f"**Selector:** {room.sampler.selector.describe()}"] and "gates: the rule gates" in shown[0]
+
+
+def test_a_room_exports_prompts_whose_prefix_is_no_modality_name_so_that_they_import_again(tmp_path):
+    room = ControlRoom(workdir=tmp_path / "run", selector=GATES,
+                       config=RoomConfig(survivors=1, batch_size=1, max_draws=1, steps=FAST["steps"], pass_rate_probe=0))
+    prompts = ["Axial slice, soft-tissue window: liver", f"{'Very long description of the scan ' * 2}: liver",
+               "Dermoscopy: pigmented lesion"]
+    for prompt in prompts:
+        group = room.generate(prompt, n=1, seed=0)
+        room.rank(group.id, [[group.survivors[0].id]], expert="alice", ratings={group.survivors[0].id: 2})
+    exported = room.export("ratings_csv", tmp_path / "out.zip")
+    with zipfile.ZipFile(exported) as zipped:
+        rows = list(csv.DictReader(zipped.read("medical_ratings.csv").decode().splitlines()))
+    assert sorted((r["prompt"], r["modality"]) for r in rows) == sorted(zip(prompts, ["unknown", "unknown", "dermoscopy"]))
+    report = room.import_ratings(exported, imported_by="alice")
+    assert (report["imported"], report["rejected_rows"], report["errors"]) == (3, 0, [])
 
 
 def test_app_passes_selector_gates_and_steps_to_the_room_and_refuses_bad_ones_in_one_line(monkeypatch, capsys, tmp_path):

@@ -122,6 +122,19 @@ def test_ratings_zip_lists_its_files_and_reads_back(tmp_path):
     assert abs(int(scan.pixel_array[0, 0]) / 4095 - LEVELS["c2"] / 255) < 1 / 4095
 
 
+def test_a_prefix_that_is_no_modality_name_exports_as_unknown_and_imports_again(tmp_path):
+    odd = {"g1": "axial slice, soft-tissue window", "g2": "m" * 41, "g3": None, "g4": "PET/CT"}
+    records = [group(group_id=g, modality=m, prompt=f"{m}: liver") for g, m in odd.items()]
+    with zipfile.ZipFile(export("ratings_csv", records, tmp_path / "r.zip", secret=SECRET)) as archive:
+        archive.extractall(tmp_path / "out")
+    ratings = read_ratings(tmp_path / "out" / "medical_ratings.csv")
+    assert ratings.errors == []  # the reader's rule is the export's: no row refused
+    assert ratings.rows.groupby("image_path")["modality"].first().to_dict() == {
+        "images/g1_c1.png": "unknown", "images/g1_c2.png": "unknown", "images/g2_c1.png": "unknown",
+        "images/g2_c2.png": "unknown", "images/g3_c1.png": "unknown", "images/g3_c2.png": "unknown",
+        "images/g4_c1.png": "pet/ct", "images/g4_c2.png": "pet/ct"}
+
+
 def test_a_16_bit_png_keeps_its_depth_in_the_dicom(tmp_path):
     write_png(tmp_path / "deep.png", np.full((4, 4), 0.3), bits=16)
     deep = CandidateRecord("c0", (tmp_path / "deep.png").read_bytes(), "v0")

@@ -68,7 +68,8 @@ def test_every_fault_is_reported_by_row_and_column_and_good_rows_load(study, tmp
         "row 8: rating: 'abc' is not a number",
         "row 9: expert_level: '4' is not 1, 2 or 3",
         "row 10: prompt: empty",
-        "row 11: modality: 'PET: x' is not a modality name (at most 40 printable characters, no ':')",
+        "row 11: modality: 'PET: x' is not a modality name (at most 4 words and 40 characters: letters, digits, "
+        "spaces and - / + . ( ) ' &)",
         "row 12: image_path: file not found",
         "row 13: image_path: not a readable image (image file is truncated)",
         "row 14: row: 7 fields, but the header has 6",

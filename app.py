@@ -11,7 +11,9 @@ import argparse
 import ipaddress
 import sys
 
+from optim.generators.kernels import check_noise_level
 from optim.policy import DTYPES, ModelLoadError
+from optim.selector import SelectorLoadError
 
 
 def main(argv=None) -> int:
@@ -34,10 +36,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lora", default=None, metavar="FILE",
                         help="a diffusers LoRA file (.safetensors) the first version starts from (base + this LoRA)")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
-                        help="DDIM steps of every group the room draws (ranking, training, /sample, A/B; default 20): "
+                        help="denoising steps of every group the room draws (ranking, training, /sample, A/B; default "
+                             "20), stochastic DDIM steps for Stable Diffusion / SDXL and flow SDE steps for SD 3 / FLUX: "
                              "fewer sample and train faster, where the model's images hold up at N")
     parser.add_argument("--noise-level", type=float, default=None, metavar="A",
-                        help="SD 3 / FLUX only: the noise level of the Flow-GRPO SDE the room samples with (default 0.7)")
+                        help="SD 3 / FLUX only: the noise level of the Flow-GRPO SDE the room samples with, in (0, 1] "
+                             "(default 0.7)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve a non-loopback --host without --auth: everyone who reaches it is an admin")
     args = parser.parse_args(argv)
@@ -50,6 +54,12 @@ def main(argv=None) -> int:
     if args.steps is not None and not 1 <= args.steps <= 1000:
         print(f"error: --steps must be between 1 and 1000, got {args.steps}", file=sys.stderr)
         return 2
+    if args.noise_level is not None:
+        try:
+            check_noise_level(args.noise_level)
+        except ValueError as error:
+            print(f"error: --noise-level: {error}", file=sys.stderr)
+            return 2
 
     from workbench.api import RoomAPI
     from workbench.auth import Users, UsersFileError
@@ -62,7 +72,7 @@ def main(argv=None) -> int:
         room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
                            auto_register=users is None, dtype=args.dtype, lora=args.lora, config=config,
                            noise_level=args.noise_level)
-    except (ModelLoadError, UsersFileError, FileNotFoundError, ValueError) as error:  # a selector folder's too
+    except (ModelLoadError, SelectorLoadError, UsersFileError) as error:  # anything else is a bug: its traceback shows
         print(f"error: {error}", file=sys.stderr)
         return 2
     if users is None and not is_loopback(args.host):

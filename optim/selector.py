@@ -47,6 +47,10 @@ CONFIG_FILE = "selector.json"
 GATES = "gates"  # the selector name (``--selector gates``) of the rule gates alone
 
 
+class SelectorLoadError(ValueError):
+    """A selector folder that cannot be loaded: missing files, unreadable or inconsistent contents."""
+
+
 @dataclass
 class SelectorConfig:
     """Thresholds of the verdict; stored with the weights and changeable per call site."""
@@ -170,8 +174,10 @@ class Selector:
     def load(cls, folder: str | Path | None = None, config: SelectorConfig | None = None) -> "Selector":
         """Load weights (safetensors only) and settings; ``None`` is the embedded default selector and
         ``"gates"`` the rule gates alone. The modality names come from ``selector.json`` (and must match
-        the head's size and the names in the weights file's metadata, when it has them)."""
-        from safetensors import safe_open
+        the head's size and the names in the weights file's metadata, when it has them).
+
+        A folder that cannot be loaded raises ``SelectorLoadError`` naming the file and what is wrong."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         if folder is not None and str(folder) == GATES:
@@ -179,23 +185,44 @@ class Selector:
         folder = Path(folder) if folder is not None else DEFAULT_SELECTOR
         weights, settings = folder / WEIGHTS_FILE, folder / CONFIG_FILE
         if not weights.is_file() or not settings.is_file():
-            raise FileNotFoundError(f"{folder} is not a selector folder: expected {WEIGHTS_FILE} and {CONFIG_FILE}")
-        meta = json.loads(settings.read_text())
+            raise SelectorLoadError(f"{folder} is not a selector folder: expected {WEIGHTS_FILE} and {CONFIG_FILE}")
+        try:
+            meta = json.loads(settings.read_text())
+        except ValueError as error:
+            raise SelectorLoadError(f"{settings} is not a selector's settings (JSON): {error}") from error
+        if not isinstance(meta, dict) or not isinstance(meta.get("channels"), int) or not isinstance(meta.get("config"), dict):
+            raise SelectorLoadError(f"{settings}: expected 'modalities', 'channels' and 'config', as "
+                                    "python -m workbench.selector train writes them")
         modalities = meta.get("modalities")
         if not modalities or not all(isinstance(m, str) and m for m in modalities):
-            raise ValueError(f"{settings}: 'modalities' must list the modality head's names, got {modalities!r}")
-        with safe_open(weights, "pt") as handle:
-            stored = (handle.metadata() or {}).get("modalities")
+            raise SelectorLoadError(f"{settings}: 'modalities' must list the modality head's names, got {modalities!r}")
+        try:
+            with safe_open(weights, "pt") as handle:
+                stored = (handle.metadata() or {}).get("modalities")
+            state = load_file(weights)
+        except SafetensorError as error:
+            raise SelectorLoadError(f"{weights} is not a safetensors file: {error}") from error
         if stored is not None and json.loads(stored) != modalities:
-            raise ValueError(f"{settings} names the modalities {modalities} but {weights} was saved with {json.loads(stored)}")
-        state = load_file(weights)
+            raise SelectorLoadError(f"{settings} names the modalities {modalities} but {weights} was saved with "
+                                    f"{json.loads(stored)}")
+        if "modality.weight" not in state:
+            raise SelectorLoadError(f"{weights} holds no selector weights (no modality head)")
         head = state["modality.weight"].shape[0]
         if head != len(modalities):
-            raise ValueError(f"{settings} names {len(modalities)} modalities but the modality head in {weights} has {head} outputs")
+            raise SelectorLoadError(f"{settings} names {len(modalities)} modalities but the modality head in {weights} "
+                                    f"has {head} outputs")
         net = SelectorNet(meta["channels"], modalities=head)
-        net.load_state_dict(state)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as error:
+            raise SelectorLoadError(f"{weights} does not fit a selector of {meta['channels']} channels "
+                                    f"({settings}): {error}") from error
+        try:
+            thresholds = config or SelectorConfig(**meta["config"])
+        except TypeError as error:
+            raise SelectorLoadError(f"{settings}: 'config' holds a setting the selector does not have: {error}") from error
         name = "the embedded selector" if folder == DEFAULT_SELECTOR else str(folder)
-        return cls(net, config or SelectorConfig(**meta["config"]), meta.get("report"), tuple(modalities), name)
+        return cls(net, thresholds, meta.get("report"), tuple(modalities), name)
 
     def save(self, folder: str | Path, channels: int) -> Path:
         from safetensors.torch import save_file

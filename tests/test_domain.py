@@ -13,7 +13,7 @@ from data.images import write_png
 from data.modalities import MODALITIES, modality_name, modality_name_problem, modality_of_prompt
 from data.phantoms import make_phantom
 from data.ratings import RatingsConfig, read_ratings, write_ratings
-from optim.selector import GATES, Selector
+from optim.selector import GATES, Selector, SelectorLoadError
 from optim.selector_training import TrainingConfig, train_selector
 from tests.conftest import FAST
 from workbench.room import ControlRoom, RoomConfig
@@ -108,11 +108,22 @@ def test_a_selector_whose_names_do_not_fit_its_head_is_refused_naming_the_files(
     meta = json.loads((tmp_path / "selector.json").read_text())
     meta["modalities"] = ["dermoscopy", "fundus", "ultrasound"]
     (tmp_path / "selector.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="selector.json names the modalities .* but .*selector.safetensors was saved with"):
+    with pytest.raises(SelectorLoadError, match="selector.json names the modalities .* but .*selector.safetensors was saved with"):
         Selector.load(tmp_path)
     meta["modalities"] = []
     (tmp_path / "selector.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="'modalities' must list the modality head's names"):
+    with pytest.raises(SelectorLoadError, match="'modalities' must list the modality head's names"):
+        Selector.load(tmp_path)
+    meta["modalities"] = ["dermoscopy", "fundus"]
+    (tmp_path / "selector.json").write_text(json.dumps(dict(meta, channels=16)))
+    with pytest.raises(SelectorLoadError, match="selector.safetensors does not fit a selector of 16 channels"):
+        Selector.load(tmp_path)
+    (tmp_path / "selector.json").write_text(json.dumps(dict(meta, config={"threshold": 1})))
+    with pytest.raises(SelectorLoadError, match="'config' holds a setting the selector does not have"):
+        Selector.load(tmp_path)
+    (tmp_path / "selector.json").write_text(json.dumps(meta))
+    (tmp_path / "selector.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SelectorLoadError, match="selector.safetensors is not a safetensors file"):
         Selector.load(tmp_path)
 
 
@@ -185,6 +196,30 @@ def test_app_passes_selector_gates_and_steps_to_the_room_and_refuses_bad_ones_in
     assert app.main(["--selector", "gates", "--steps", "10"]) == 0
     assert rooms[0]["selector"] == "gates" and rooms[0]["config"].steps == 10
     assert app.main([]) == 0 and rooms[1]["selector"] is None and rooms[1]["config"].steps == RoomConfig().steps
+
+
+def test_app_answers_load_errors_in_one_line_and_lets_a_bug_raise(monkeypatch, capsys, tmp_path, derm_selector):
+    import app
+
+    workdir = ["--workdir", str(tmp_path / "run")]
+    assert app.main(workdir + ["--noise-level", "1.5"]) == 2  # before anything loads
+    assert capsys.readouterr().err.strip().startswith("error: --noise-level: noise_level must be in (0, 1], got 1.5")
+    broken = tmp_path / "broken-selector"
+    broken.mkdir()
+    for name in ("selector.safetensors", "selector.json"):
+        (broken / name).write_bytes((derm_selector[0] / name).read_bytes())
+    (broken / "selector.json").write_text("{not json")
+    assert app.main(workdir + ["--selector", str(broken)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {broken / 'selector.json'} is not a selector's settings (JSON)")
+    assert app.main(workdir + ["--selector", "gates", "--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model folder not found: {tmp_path / 'nope'}"
+
+    def a_bug(*args, **kwargs):
+        raise ValueError("a bug inside the room")
+
+    monkeypatch.setattr("workbench.room.ControlRoom", a_bug)
+    with pytest.raises(ValueError, match="a bug inside the room"):  # a traceback, not a one-line "error:"
+        app.main(workdir)
 
 
 def test_offline_grpo_refuses_the_gates_alone():

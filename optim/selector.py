@@ -14,6 +14,8 @@ should reach the ranking page. For each image and its prompt the selector return
 3. The modality check: the prompt's modality, read from its prefix (``CT:``, ``Fundus:`` ...) or
    given explicitly, must have probability at least ``min_modality_probability``. A prefix the
    selector does not know is no modality to it: such prompts get the gates and the quality check.
+   A selector trained on ONE modality has a one-output head, whose probability is always 1: it
+   checks no modality (there is nothing to tell that one from), and ``describe`` says so.
 
 ``Selector.load("gates")`` (``--selector gates``) is the rule gates alone, with no network: for a new
 domain with no ratings yet. Its verdicts have no quality and no modality probabilities.
@@ -247,6 +249,10 @@ class Selector:
             return f"{GATES}: the {gates} alone; no quality score and no modality check (`--selector gates`)"
         trained = self.report.get("ratings")
         source = f"{self.name}" + (f", trained on {Path(trained).name}" if trained else "")
+        if len(self.modalities) == 1:  # a one-output softmax: the asked modality always has probability 1
+            return (f"{source}: the {gates} and quality at least {c.quality_threshold:.2f}; no modality check "
+                    f"(trained on {display_name(self.modalities[0])} images alone, it has no other modality to tell "
+                    "them from)")
         prefixes = ", ".join(f"{display_name(m)}:" for m in self.modalities)
         return (f"{source}: the {gates}, quality at least {c.quality_threshold:.2f}, and, for prompts starting with "
                 f"{prefixes}, that modality at least {c.min_modality_probability:.2f} likely")

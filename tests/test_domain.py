@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 from data.images import write_png
@@ -125,6 +126,18 @@ def test_a_selector_whose_names_do_not_fit_its_head_is_refused_naming_the_files(
     (tmp_path / "selector.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SelectorLoadError, match="selector.safetensors is not a safetensors file"):
         Selector.load(tmp_path)
+
+
+def test_a_selector_of_one_modality_says_it_checks_no_modality():
+    from optim.selector import SelectorNet
+
+    torch.manual_seed(0)
+    selector = Selector(SelectorNet(8, modalities=1), modalities=("dermoscopy",), name="derm")
+    verdict = selector.judge([make_phantom("OCT", 0).image], prompt="Dermoscopy: lesion")[0]
+    assert verdict.modality_probabilities == {"dermoscopy": 1.0}  # whatever the image shows: nothing to tell apart
+    assert selector.describe().endswith("no modality check (trained on dermoscopy images alone, it has no other "
+                                        "modality to tell them from)")
+    assert "prompts starting with" not in selector.describe()
 
 
 def test_the_shipped_selector_keeps_its_four_modalities():

@@ -103,7 +103,9 @@ def test_the_trust_regions_kl_does_not_depend_on_the_micro_batch(moved, groups, 
         for p in policy.lora_parameters():
             p.add_(0.01)
     after = {size: step_kernels(policy, groups, micro_batch=size) for size in (0, 2)}
-    assert kl_between(before[2], after[2]) == pytest.approx(kl_between(before[0], after[0]), rel=1e-5)
+    # float32 in two batch layouts: the means differ in the last bits, and a KL of means this close to each
+    # other amplifies that to about 1e-5; a wrong average over micro-batches would be off by far more.
+    assert kl_between(before[2], after[2]) == pytest.approx(kl_between(before[0], after[0]), rel=1e-4)
 
 
 def test_an_update_runs_with_gradient_checkpointing_when_the_policy_asks_for_it(policy, groups, monkeypatch, tmp_path):

@@ -111,6 +111,7 @@ class ControlRoom:
         self.sampler = RejectionSampler(self.policy, judge, SamplerConfig(
             self.config.survivors, self.config.batch_size, self.config.max_draws))
         self.model_lock = threading.Lock()
+        self._base_probe: dict[tuple[str, int, int], list[bool]] = {}  # the base model's verdicts never change
         self.imports = self.workdir / "imports"  # ratings zips unpack here; emptied at each start (a kill leaves files)
         shutil.rmtree(self.imports, ignore_errors=True)
         self.imports.mkdir()
@@ -387,19 +388,21 @@ class ControlRoom:
         prompts = list(dict.fromkeys(g.trajectory.prompt for g in groups))[:8]
         shares = [count // len(prompts) + (k < count % len(prompts)) for k in range(len(prompts))]
 
-        def pass_rate() -> float:
-            passed = []
-            for k, (prompt, n) in enumerate(zip(prompts, shares)):
-                if n:
-                    images = self.policy.sample(prompt, n=n, seed=PROBE_SEED + k, **self._sampling()).images
-                    passed += [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
-            return sum(passed) / len(passed)
+        def verdicts(prompt: str, n: int, seed: int) -> list[bool]:
+            images = self.policy.sample(prompt, n=n, seed=seed, **self._sampling()).images
+            return [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
 
-        with self.policy.reference():
-            base = pass_rate()
+        probes = [(prompt, n, PROBE_SEED + k) for k, (prompt, n) in enumerate(zip(prompts, shares)) if n]
+        with self.policy.reference():  # drawn once per probe: the base model, seeds and selector stay the same
+            for probe in probes:
+                if probe not in self._base_probe:
+                    self._base_probe[probe] = verdicts(*probe)
+        base_passed = [p for probe in probes for p in self._base_probe[probe]]
+        base = sum(base_passed) / len(base_passed)
 
         def accept() -> str | None:
-            after = pass_rate()
+            passed = [p for probe in probes for p in verdicts(*probe)]
+            after = sum(passed) / len(passed)
             if base - after > self.config.max_pass_rate_drop:
                 return (f"the selector passes {after:.0%} of {count} candidates on fixed seeds where the base model "
                         f"passes {base:.0%} (more than {self.config.max_pass_rate_drop:.0%} fewer): the update would "

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from data.store import StoreError
 from optim.versions import VersionStore
 from tests.conftest import PROMPT
 from workbench.api import RANK_ROUTE, Caller, RoomAPI
@@ -208,6 +209,25 @@ def test_a_ranking_posted_to_the_plain_route_with_the_same_login_and_roles(serve
     assert room.store.rankings(group.id) == [ranking]
     again = bob.post(RANK_ROUTE, json=body)
     assert again.status_code == 400 and "has already ranked group" in again.json()["error"]
+
+
+def test_a_login_enrols_the_expert_and_a_changed_level_is_enrolled_at_the_next_call(served, tmp_path):
+    """The store learns an expert at their login, so twenty first rankings at once are inserts alone;
+    a level changed in the accounts file later reaches the store at that expert's next call."""
+    page, room = served
+    accounts = room.workdir.parent / "users.yaml"
+    add_user(accounts, "carol", "carol-password", role="expert", level=3)
+    with pytest.raises(StoreError, match="unknown expert 'carol'"):
+        room.store.get_expert("carol")
+    carol = httpx.Client(base_url=page.local_url)
+    assert carol.post("/login", data={"username": "carol", "password": "carol-password"}).status_code == 200
+    assert (room.store.get_expert("carol")["role"], room.store.get_expert("carol")["level"]) == ("expert", 3)
+
+    add_user(accounts, "carol", "carol-password", role="expert", level=1, replace=True)
+    group = room.generate(PROMPT, seed=22)
+    stored = carol.post(RANK_ROUTE, json={"group_id": group.id, "tiers": [[c.id] for c in group.survivors]})
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["level"] == 1 and room.store.get_expert("carol")["level"] == 1
 
 
 def test_five_failed_logins_get_a_429_with_the_wait_and_uploads_over_the_limit_are_refused(served):

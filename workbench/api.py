@@ -37,7 +37,7 @@ from starlette.middleware import Middleware
 
 from data.store import StoreError
 from optim.update import UpdateConfig
-from workbench.auth import LoginLockedOut, Users
+from workbench.auth import LoginLockedOut, User, Users
 from workbench.room import ControlRoom, RoomGroup
 from workbench.verification import BlindPair
 
@@ -81,8 +81,15 @@ class RoomAPI:
         user = self.users.get(getattr(request, "username", None) or "")
         if user is None:  # the login layer lets no one through unauthenticated; a removed account ends here
             raise PermissionError("not logged in, or the account no longer exists: log in again")
+        return self.enrolled(user)
+
+    def enrolled(self, user: User) -> Caller:
+        """The account as a caller, after making the store mirror its role and level.
+
+        The login does this first (``login_function``), so an expert's first ranking is not also their
+        enrolment; a call after the accounts file changed someone's level enrols them again here."""
         caller = Caller(user.name, user.role, user.level)
-        if caller not in self._enrolled:  # the store mirrors the accounts file's role and level
+        if caller not in self._enrolled:
             self.room.enroll(caller.name, caller.role, caller.level)
             self._enrolled.add(caller)
         return caller
@@ -324,14 +331,19 @@ class RecordClientAddress:
             _client_address.reset(token)
 
 
-def login_function(users: Users):
+def login_function(api: RoomAPI):
     """Gradio's ``auth`` callable: the accounts file's check with the caller's address; a locked-out
-    name or address gets HTTP 429 with the reason and the wait, not "incorrect credentials"."""
+    name or address gets HTTP 429 with the reason and the wait, not "incorrect credentials". A good
+    login enrols the expert in the store, so twenty experts' first rankings are inserts alone."""
     def login(username: str, password: str) -> bool:
         try:
-            return users.authenticate(username, password, address=_client_address.get())
+            good = api.users.authenticate(username, password, address=_client_address.get())
         except LoginLockedOut as error:
             raise HTTPException(429, str(error), headers={"Retry-After": str(math.ceil(error.retry_after))}) from None
+        user = api.users.get(username)
+        if good and user is not None:  # None only if the accounts file lost the name since
+            api.enrolled(user)
+        return good
     return login
 
 

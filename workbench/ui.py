@@ -629,15 +629,16 @@ def _enlarged(image, size: int = 256):
 def serve(api: RoomAPI, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> gr.Blocks:
     """Launch the page; with an accounts file every route asks for a login first.
 
-    Uploads are limited to ``MAX_UPLOAD``; every hour, Gradio's cache of uploaded and handed-out
+    The store's connections are opened first. Uploads are limited to ``MAX_UPLOAD``; every hour, Gradio's cache of uploaded and handed-out
     files loses what is older than the outbox's hours, and at shutdown all of it.
     """
+    api.room.store.open_connections()
     page = build_page(api)
     page.queue(default_concurrency_limit=None)
     page.delete_cache = (3600, OUTBOX_HOURS * 3600)
     page.launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-        auth=None if api.users is None else login_function(api.users),
+        auth=None if api.users is None else login_function(api),
         auth_message="Medical preference workbench: log in with the account your admin made for you. "
                      "After 5 failed logins, that name and address wait 30 s.",
         max_file_size=MAX_UPLOAD,

@@ -13,7 +13,7 @@ import sys
 
 from optim.generators.kernels import check_noise_level
 from optim.policy import DTYPES, ModelLoadError
-from optim.selector import SelectorLoadError
+from optim.selector.model import SelectorLoadError
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ this module needs nothing else. ``export(kind, records, path, secret=...)`` writ
 - ``pickapic``: Pick-a-Pic / Diffusion-DPO parquet. One row per two candidates an expert ranked:
   ``caption, jpg_0, jpg_1, label_0, label_1`` (1/0, or 0.5/0.5 for candidates tied in one tier,
   as Pick-a-Pic has ties), ``user_id, ranking_id, created_at, model_0, model_1`` and
-  ``expert_level`` (the loss weight, see optim.rewards). ``jpg_0`` is the candidate generated first,
+  ``expert_level`` (the loss weight, see optim.preference.rewards). ``jpg_0`` is the candidate generated first,
   so the position says nothing about the preference. The columns are named jpg_* but hold PNG
   bytes: Pick-a-Pic readers, optim.train's among them, decode whatever bytes they are given.
 - ``trl``: TRL preference parquet, ``prompt, chosen, rejected``, one row per decided pair; ties

@@ -6,7 +6,7 @@ many ways (``MR``, ``X-ray``, DICOM's ``DX`` / ``CR`` / ``OPT``), so every place
 modality goes through ``canonical_modality`` or ``modality_name``.
 
 A host's own domain brings its own names (``dermoscopy``, ``fundus``, ``mammography`` ...): a
-selector knows the modalities of the ratings CSV it was trained on (``optim.selector``), and
+selector knows the modalities of the ratings CSV it was trained on (``optim.selector.model``), and
 ``modality_name`` keeps any other name, in lower case, so ``Fundus`` and ``fundus`` are one modality.
 
 A modality name is short: at most ``MAX_MODALITY_WORDS`` words and ``MAX_MODALITY_CHARS`` characters of

@@ -8,7 +8,7 @@ would silently drop out of the group's rewards and pairs; an expert who cannot p
 with its neighbours instead, which says so.
 
 ``ranking_faults`` finds what is wrong with a ranking (ids repeated, unknown or left out);
-``validate_ranking`` words it for experts and trainers (``optim.rewards`` and the control room use
+``validate_ranking`` words it for experts and trainers (``optim.preference.rewards`` and the control room use
 it), and the store words it for a submission to a stored group (``data.store``).
 """
 

@@ -12,7 +12,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import Dataset
 
 from optim.policy import Policy
-from optim.selector import Selector
+from optim.selector.model import Selector
 from optim.versions import cpu_fp32
 
 

@@ -56,13 +56,13 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from optim.distributed import PolicyLoss, lora_digest, selector_passed
-from optim.dpo import LOSS_TYPES, DPOConfig, dpo_terms
-from optim.grpo import group_advantages, grpo_pass, grpo_step
+from optim.preference.dpo import LOSS_TYPES, DPOConfig, dpo_terms
+from optim.preference.grpo import group_advantages, grpo_pass, grpo_step
 from optim.policy import DTYPES, ModelLoadError, Policy
-from optim.selector import GATES, Selector
+from optim.selector.model import GATES, Selector
 from optim.train_data import PickAPicPairs, RatingsPairs, collate_pairs, preference_pairs, read_prompts  # noqa: F401
 from optim.trajectory import Condition
-from optim.update import ALGORITHMS, UpdateConfig
+from optim.preference.update import ALGORITHMS, UpdateConfig
 from optim.versions import cpu_fp32
 
 TRACKERS = ("tensorboard", "wandb", "none")

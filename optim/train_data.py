@@ -1,7 +1,7 @@
 """What offline training reads: preference pairs from a Pick-a-Pic parquet file or a ratings CSV, and prompts.
 
 A pair is ``(winner image, loser image, caption, weight)``; the weight is the expert level (1-3), a
-loss weight as everywhere (``optim.rewards``).
+loss weight as everywhere (``optim.preference.rewards``).
 
 Pick-a-Pic's format, ours or anyone's: columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes,
 or the ``{bytes, path}`` structs that Hugging Face ``datasets.Image`` columns become in parquet) and
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from data.images import read_image, to_display, unit_to_pil
 from data.ratings import read_ratings
-from optim.rewards import level_weight, level_weighted_mean
+from optim.preference.rewards import level_weight, level_weighted_mean
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 

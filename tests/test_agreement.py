@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy.stats import kendalltau
 
-from optim.agreement import agreement, kendall_tau_b
+from optim.preference.agreement import agreement, kendall_tau_b
 
 
 def test_identical_and_reversed_rankings():

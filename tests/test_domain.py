@@ -14,8 +14,8 @@ from data.images import write_png
 from data.modalities import MODALITIES, modality_name, modality_name_problem, modality_of_prompt
 from data.phantoms import make_phantom
 from data.ratings import RatingsConfig, read_ratings, write_ratings
-from optim.selector import GATES, Selector, SelectorLoadError
-from optim.selector_training import TrainingConfig, train_selector
+from optim.selector.model import GATES, Selector, SelectorLoadError
+from optim.selector.training import TrainingConfig, train_selector
 from tests.conftest import FAST
 from workbench.room import ControlRoom, RoomConfig
 
@@ -129,7 +129,7 @@ def test_a_selector_whose_names_do_not_fit_its_head_is_refused_naming_the_files(
 
 
 def test_a_selector_of_one_modality_says_it_checks_no_modality():
-    from optim.selector import SelectorNet
+    from optim.selector.model import SelectorNet
 
     torch.manual_seed(0)
     selector = Selector(SelectorNet(8, modalities=1), modalities=("dermoscopy",), name="derm")
@@ -243,7 +243,7 @@ def test_offline_grpo_refuses_the_gates_alone():
 
 
 def test_the_reward_models_selector_features_refuse_the_gates_alone():
-    from optim.reward_model import featurizer
+    from optim.preference.reward_model import featurizer
 
     with pytest.raises(ValueError, match="the 'selector' features need a selector network"):
         featurizer("selector", selector=Selector.load(GATES))([make_phantom("CT", 0).image])

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from optim.dpo import DPOConfig, dpo_terms
+from optim.preference.dpo import DPOConfig, dpo_terms
 from optim.generators import Flux, StableDiffusion, StableDiffusion3, StableDiffusionXL
-from optim.groups import RankedGroup
+from optim.preference.groups import RankedGroup
 from optim.policy import ModelLoadError, Policy
-from optim.selector import Selector, SelectorConfig
+from optim.selector.model import Selector, SelectorConfig
 from optim.trajectory import Trajectory
-from optim.update import UpdateConfig, apply_update, dpo_backward, dpo_pairs
+from optim.preference.update import UpdateConfig, apply_update, dpo_backward, dpo_pairs
 from optim.versions import VersionStore
 from tests.family_models import FAMILIES, build
 

@@ -4,9 +4,9 @@ the fp32 adapters; bf16 and fp32 need no scale."""
 import pytest
 import torch
 
-from optim.groups import RankedGroup
+from optim.preference.groups import RankedGroup
 from optim.policy import Policy
-from optim.update import FP16_LOSS_SCALE, LossScale, UpdateConfig, apply_update, grpo_backward
+from optim.preference.update import FP16_LOSS_SCALE, LossScale, UpdateConfig, apply_update, grpo_backward
 from optim.versions import VersionStore
 from tests.conftest import PROMPT
 
@@ -98,10 +98,10 @@ def test_offline_training_refuses_fp16_without_accelerates_loss_scaler(tmp_path)
 
 def test_a_dpo_step_recomputed_at_a_lower_loss_scale_keeps_its_timesteps_and_noise(moved, tmp_path, monkeypatch):
     """An overflow retry must redo the same step: the same pairs' (t, noise), not a fresh draw."""
-    import optim.dpo
+    import optim.preference.dpo
 
     draws = []
-    original_draw = optim.dpo.NoiseDraws.draw
+    original_draw = optim.preference.dpo.NoiseDraws.draw
 
     def recording_draw(*args, **kwargs):
         draws.append(original_draw(*args, **kwargs))
@@ -114,7 +114,7 @@ def test_a_dpo_step_recomputed_at_a_lower_loss_scale_keeps_its_timesteps_and_noi
         self.value /= 2
         return run(self.value)
 
-    monkeypatch.setattr(optim.dpo.NoiseDraws, "draw", staticmethod(recording_draw))
+    monkeypatch.setattr(optim.preference.dpo.NoiseDraws, "draw", staticmethod(recording_draw))
     monkeypatch.setattr(LossScale, "backward", overflow_once)
     model = moved[0]
     trajectory = model.sample(PROMPT, n=4, seed=1, **TINY).trajectory

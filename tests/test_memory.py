@@ -4,9 +4,9 @@ update runs inside ``Policy.training()`` (gradient checkpointing on a GPU)."""
 import pytest
 import torch
 
-from optim.groups import RankedGroup
-from optim.grpo import micro_batches
-from optim.update import UpdateConfig, apply_update, dpo_backward, grpo_backward, kl_between, step_kernels
+from optim.preference.groups import RankedGroup
+from optim.preference.grpo import micro_batches
+from optim.preference.update import UpdateConfig, apply_update, dpo_backward, grpo_backward, kl_between, step_kernels
 from optim.versions import VersionStore
 from tests.conftest import FAST, PROMPT
 
@@ -83,15 +83,15 @@ def test_dpo_micro_batches_give_the_whole_batchs_gradient(moved, groups, micro_b
 
 
 def test_dpo_micro_batches_hold_whole_pairs_of_at_most_the_budget(moved, groups, monkeypatch):
-    import optim.update
+    import optim.preference.update
 
-    sizes, real = [], optim.update.dpo_terms
+    sizes, real = [], optim.preference.update.dpo_terms
 
     def counting(policy, winners, *args, **kwargs):
         sizes.append(winners.shape[0])
         return real(policy, winners, *args, **kwargs)
 
-    monkeypatch.setattr(optim.update, "dpo_terms", counting)
+    monkeypatch.setattr(optim.preference.update, "dpo_terms", counting)
     with torch.no_grad():
         dpo_backward(moved, groups, UpdateConfig(micro_batch=12), torch.Generator().manual_seed(7))
     assert sizes == [3] * 5 + [1]  # 16 pairs, 3 at a time (x 4 draws = 12)

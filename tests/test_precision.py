@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from optim.grpo import GRPOConfig, grpo_step
+from optim.preference.grpo import GRPOConfig, grpo_step
 from optim.policy import DECODE_CHUNK, Policy, main, resolve_dtype
 from tests.conftest import PROMPT
 

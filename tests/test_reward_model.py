@@ -11,7 +11,7 @@ from data.images import unit_to_pil
 from data.modalities import MODALITIES
 from data.phantoms import make_phantom
 from data.simulated_experts import EXPERTS
-from optim.reward_model import (
+from optim.preference.reward_model import (
     Comparison,
     PixelFeatures,
     RewardModel,
@@ -23,7 +23,7 @@ from optim.reward_model import (
     pairwise_accuracy,
     group_folds,
 )
-from optim.rewards import RankingError
+from optim.preference.rewards import RankingError
 
 
 class Brightness:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from optim.rewards import (
+from optim.preference.rewards import (
     RankingError, combined_rewards, level_weight, position_rewards, ranked_pairs, rating_reward,
     validate_ranking, weighted_pairs,
 )

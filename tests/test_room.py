@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from optim.rewards import RankingError
+from optim.preference.rewards import RankingError
 from workbench import ControlRoom, RoomConfig
 from tests.conftest import PROMPT
 

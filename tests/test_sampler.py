@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from workbench.sampler import RejectionSampler, SamplerConfig
-from optim.selector import Verdict
+from optim.selector.model import Verdict
 from tests.conftest import FAST, PROMPT
 
 

@@ -10,9 +10,9 @@ from PIL import Image
 from data.demo_set import degrade, make_demo_set
 from data.modalities import MODALITIES, modality_of_prompt
 from data.phantoms import all_prompts, make_phantom
-from optim.selector import Selector, SelectorConfig, SelectorNet, as_unit_array, gate_reasons
+from optim.selector.model import Selector, SelectorConfig, SelectorNet, as_unit_array, gate_reasons
 from workbench.selector import main
-from optim.selector_training import Examples, TrainingConfig, load_examples, split_images, train_selector, training_loss
+from optim.selector.training import Examples, TrainingConfig, load_examples, split_images, train_selector, training_loss
 
 GATES = SelectorConfig()
 

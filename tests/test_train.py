@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data.phantoms import make_phantom
-from optim.dpo import DPOConfig
+from optim.preference.dpo import DPOConfig
 from optim.train import PickAPicPairs, TrainConfig, lora_digest, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-import optim.update
-from optim.dpo import DPOConfig
-from optim.groups import RankedGroup
-from optim.grpo import GRPOConfig, group_advantages
-from optim.losses import group_losses
-from optim.rewards import RankingError
-from optim.update import UpdateConfig, apply_update, dpo_backward, grpo_backward
+from optim.preference import grpo, update
+from optim.preference.dpo import DPOConfig
+from optim.preference.groups import RankedGroup
+from optim.preference.grpo import GRPOConfig, group_advantages
+from optim.preference.losses import group_losses
+from optim.preference.rewards import RankingError
+from optim.preference.update import UpdateConfig, apply_update, dpo_backward, grpo_backward
 from optim.versions import VersionStore
 from tests.conftest import FAST, PROMPT
 
@@ -101,7 +101,7 @@ def test_a_nan_loss_leaves_the_weights_untouched_and_nothing_is_saved(fresh, dra
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)
     weights = fresh.lora_state_dict()
-    real_step = optim.update.grpo_step
+    real_step = update.grpo_step
     calls = []
 
     def poisoned(*args, **kwargs):  # the second optimizer step's loss turns NaN
@@ -111,7 +111,7 @@ def test_a_nan_loss_leaves_the_weights_untouched_and_nothing_is_saved(fresh, dra
             terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(optim.update, "grpo_step", poisoned)
+    monkeypatch.setattr(update, "grpo_step", poisoned)
     result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3, train_fraction=1.0))
     assert not result.applied and result.version is None
     assert result.message.startswith("update refused: the GRPO loss is not finite (nan): no step was taken")
@@ -147,16 +147,16 @@ def test_an_applied_update_is_a_new_current_version_with_its_metrics(fresh, draw
 def test_metrics_without_gradients_match_the_training_pass(fresh, drawn):
     group = ranked(drawn)
     with torch.no_grad():
-        grpo = grpo_backward(fresh, [group], UpdateConfig())
-        dpo = dpo_backward(fresh, [group], UpdateConfig(), torch.Generator().manual_seed(0))
-    assert grpo["ratio_min"] == grpo["ratio_max"] == 1.0 and grpo["clip_fraction"] == 0.0
-    assert dpo["pairs"] == 5 and dpo["loss"] == pytest.approx(math.log(2))
+        grpo_metrics = grpo_backward(fresh, [group], UpdateConfig())
+        dpo_metrics = dpo_backward(fresh, [group], UpdateConfig(), torch.Generator().manual_seed(0))
+    assert grpo_metrics["ratio_min"] == grpo_metrics["ratio_max"] == 1.0 and grpo_metrics["clip_fraction"] == 0.0
+    assert dpo_metrics["pairs"] == 5 and dpo_metrics["loss"] == pytest.approx(math.log(2))
 
 
 
 def test_an_error_mid_update_restores_the_weights_before_it_propagates(fresh, drawn, monkeypatch, tmp_path):
     weights = fresh.lora_state_dict()
-    real_step, calls = optim.update.grpo_step, []
+    real_step, calls = update.grpo_step, []
 
     def failing(*args, **kwargs):  # out of memory in the second optimizer step, after one step was taken
         calls.append(1)
@@ -164,7 +164,7 @@ def test_an_error_mid_update_restores_the_weights_before_it_propagates(fresh, dr
             raise RuntimeError("out of memory")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(optim.update, "grpo_step", failing)
+    monkeypatch.setattr(update, "grpo_step", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         apply_update(fresh, VersionStore(tmp_path / "versions"), [ranked(drawn)],
                      UpdateConfig(optimizer_steps=3, learning_rate=1e-3, train_fraction=1.0))
@@ -184,10 +184,10 @@ def test_grpo_weighs_each_group_by_its_experts_levels_spread_over_its_trained_st
     def run_step(trajectory, step, rows, advantage, weight, last):
         seen.append((step, weight, last))
         zero = torch.zeros(4)
-        return optim.grpo.GRPOStepTerms(torch.tensor(1.0), torch.ones(4), zero, zero.bool(), torch.tensor(0.0), zero, 1.0)
+        return grpo.GRPOStepTerms(torch.tensor(1.0), torch.ones(4), zero, zero.bool(), torch.tensor(0.0), zero, 1.0)
 
     advantages = group_advantages([senior.rewards(), junior.rewards()])
-    metrics = optim.grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]])
+    metrics = grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]])
     assert seen == [(0, 0.375, False), (2, 0.375, False), (1, 0.25, True)]
     assert metrics["loss"] == pytest.approx(1.0)  # the weights sum to 1
 
@@ -196,15 +196,15 @@ def test_an_update_trains_a_seeded_subset_of_steps_and_records_the_seed(fresh, d
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)
     generator = torch.Generator().manual_seed(5)
-    plan = optim.update.trained_steps([ranked(drawn)] * 3, 0.5, generator, window="random")
+    plan = update.trained_steps([ranked(drawn)] * 3, 0.5, generator, window="random")
     assert [len(steps) for steps in plan] == [2, 2, 2] and all(s == sorted(set(s)) for s in plan)
     assert len(set(map(tuple, plan))) > 1  # each group its own draw
-    assert plan == optim.update.trained_steps([ranked(drawn)] * 3, 0.5, torch.Generator().manual_seed(5), window="random")
-    assert optim.update.trained_steps([ranked(drawn)] * 2, 0.5, generator) == [[0, 1], [0, 1]]  # early: the first half
+    assert plan == update.trained_steps([ranked(drawn)] * 3, 0.5, torch.Generator().manual_seed(5), window="random")
+    assert update.trained_steps([ranked(drawn)] * 2, 0.5, generator) == [[0, 1], [0, 1]]  # early: the first half
     with pytest.raises(ValueError, match="train_fraction must be in"):
-        optim.update.trained_steps([ranked(drawn)], 0.0, generator)
+        update.trained_steps([ranked(drawn)], 0.0, generator)
     with pytest.raises(ValueError, match="train_window must be one of early, random, got 'late'"):
-        optim.update.trained_steps([ranked(drawn)], 0.5, generator, window="late")
+        update.trained_steps([ranked(drawn)], 0.5, generator, window="late")
 
     first = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))
     second = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))

@@ -2,7 +2,7 @@
 
 Experts rank a few dozen groups; an update that trains only on those moves the generator little.
 An amplified update (classic RLHF, REFERENCES.md section 8) first fits the reward model
-(``optim.reward_model``) on every stored human ranking and imported rating, then has the rejection
+(``optim.preference.reward_model``) on every stored human ranking and imported rating, then has the rejection
 sampler draw extra groups for the prompts the experts ranked (and any queued prompts), and lets the
 reward model rank them. The trainers then see human and AI groups together:
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from data.store import Store
-from optim.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings, comparisons_from_ratings,
-                                ensemble_agreement)
+from optim.preference.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings,
+                                           comparisons_from_ratings, ensemble_agreement)
 from workbench.sampler import RejectionSampler, SamplerResult
 
 
@@ -55,7 +55,7 @@ class AmplificationRefused(Exception):
 def fit_reward_model(store: Store, features, config: AmplifyConfig) -> RewardModel | None:
     """The reward model on every stored human ranking and imported rating; None with too few ranked groups.
 
-    ``features`` is the featurizer (``optim.reward_model.featurizer``). The model's ``seen`` says which
+    ``features`` is the featurizer (``optim.preference.reward_model.featurizer``). The model's ``seen`` says which
     rankings and imported ratings it learned from.
     """
     images, comparisons, seen = [], [], {"rankings": [], "imported_ratings": []}

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from starlette.middleware import Middleware
 
 from data.store import StoreError
-from optim.update import UpdateConfig
+from optim.preference.update import UpdateConfig
 from workbench.auth import LoginLockedOut, User, Users
 from workbench.room import ControlRoom, RoomGroup
 from workbench.verification import BlindPair

@@ -38,15 +38,15 @@ from data.images import read_image, to_display, unit_to_pil
 from data.modalities import modality_of_prompt
 from data.ratings import RatingsConfig, read_ratings, unpack_ratings_archive
 from data.store import NewCandidate, NewImportedRating, Store, StoreError
-from optim.agreement import agreement
-from optim.groups import AIRanking, RankedGroup
-from optim.losses import group_losses
+from optim.preference.agreement import agreement
+from optim.preference.groups import AIRanking, RankedGroup
+from optim.preference.losses import group_losses
 from optim.policy import Policy
-from optim.reward_model import RewardModel, RewardModelConfig, featurizer
-from optim.rewards import validate_ranking
-from optim.selector import Selector
+from optim.preference.reward_model import RewardModel, RewardModelConfig, featurizer
+from optim.preference.rewards import validate_ranking
+from optim.selector.model import Selector
 from optim.trajectory import Trajectory
-from optim.update import UpdateConfig, UpdateResult, apply_update
+from optim.preference.update import UpdateConfig, UpdateResult, apply_update
 from optim.verification import summarize
 from optim.versions import VersionStore
 from workbench.ai_feedback import AIGroup, AmplificationRefused, AmplifyConfig, draw_ai_groups, fit_reward_model

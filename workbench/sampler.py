@@ -23,7 +23,7 @@ from PIL import Image
 
 from optim.policy import Policy, candidate_seeds
 from optim.trajectory import Trajectory
-from optim.selector import Selector, Verdict
+from optim.selector.model import Selector, Verdict
 
 
 @dataclass

@@ -3,8 +3,8 @@
     python -m workbench.selector train --ratings data/demo/medical_ratings.csv --out DIR
     python -m workbench.selector score [--model DIR] [--prompt "CT: ..."] IMAGE...
 
-The model itself (gates, network, verdicts) is ``optim/selector.py``; training is
-``optim/selector_training.py``.
+The model itself (gates, network, verdicts) is ``optim/selector/model.py``; training is
+``optim/selector/training.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 
 from data.images import ImageReadError, read_image
 from data.modalities import display_name
-from optim.selector import Selector
-from optim.selector_training import TrainingConfig, train_selector
+from optim.selector.model import Selector
+from optim.selector.training import TrainingConfig, train_selector
 
 
 # ---------------------------------------------------------------------- command line

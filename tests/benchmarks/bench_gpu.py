@@ -23,7 +23,7 @@ Per model and dtype it prints:
   ``StableDiffusion3Pipeline``) on a plain pipeline (no adapters) loaded in the same dtype in the same
   process, with the same DDIM schedule (SD, SDXL) or the checkpoint's flow schedule (its ODE: no noise
   draws); rounds alternate; min and median;
-- one GRPO and one DPO update (``optim.update.apply_update``, the default ``UpdateConfig`` except the
+- one GRPO and one DPO update (``optim.preference.update.apply_update``, the default ``UpdateConfig`` except the
   KL budget, lifted so every optimizer step runs) on ``--groups`` ranked group(s) of 4 sampled at that
   resolution, inside ``Policy.training()`` (gradient checkpointing): seconds and peak GiB
   (``torch.cuda.max_memory_allocated``, the weights included).
@@ -51,10 +51,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data.phantoms import all_prompts  # noqa: E402
-from optim.groups import RankedGroup  # noqa: E402
+from optim.preference.groups import RankedGroup  # noqa: E402
 from optim.policy import DTYPES, Policy  # noqa: E402
 from optim.tokenizer import build_clip_tokenizer  # noqa: E402
-from optim.update import UpdateConfig, apply_update  # noqa: E402
+from optim.preference.update import UpdateConfig, apply_update  # noqa: E402
 from optim.versions import VersionStore  # noqa: E402
 from tests import family_models  # noqa: E402
 

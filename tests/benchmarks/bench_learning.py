@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data.phantoms import all_prompts  # noqa: E402
 from data.simulated_experts import EXPERTS, grey_levels  # noqa: E402
-from optim.groups import RankedGroup  # noqa: E402
-from optim.update import kl_between, step_kernels  # noqa: E402
+from optim.preference.groups import RankedGroup  # noqa: E402
+from optim.preference.update import kl_between, step_kernels  # noqa: E402
 from workbench.room import ControlRoom  # noqa: E402
 
 EVAL_SEED = 10_000

@@ -5,7 +5,7 @@ draws ``--groups`` groups of 4 over the phantoms' prompts (``data.phantoms.all_p
 number choosing the prompt in turn and seeding the draw). Each simulated expert of
 ``data.simulated_experts.EXPERTS`` ranks every group at level 3; a group whose four candidates all
 tie gives no pair and drops out. For each feature set and each expert, the reward model
-(``optim.reward_model``, default settings otherwise) measures its held-out accuracy as ``fit`` always
+(``optim.preference.reward_model``, default settings otherwise) measures its held-out accuracy as ``fit`` always
 does, by cross-validation over ``--folds`` folds OF GROUPS (each pair is ordered by an ensemble that
 never saw its group), repeated over ``--repeats`` shuffles of the groups: reported are the mean and
 the minimum of the level-weighted held-out accuracy over the repeats, the training groups per fold,
@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.phantoms import all_prompts  # noqa: E402
 from data.simulated_experts import EXPERTS  # noqa: E402
 from optim.policy import Policy  # noqa: E402
-from optim.reward_model import RewardModel, RewardModelConfig, comparisons_from_rankings, featurizer  # noqa: E402
-from optim.selector import Selector  # noqa: E402
+from optim.preference.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings,  # noqa: E402
+                                           featurizer)
+from optim.selector.model import Selector  # noqa: E402
 from workbench.sampler import RejectionSampler, SamplerConfig  # noqa: E402
 
 LEVEL = 3

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.modalities import MODALITIES, modality_of_prompt  # noqa: E402
 from data.phantoms import all_prompts  # noqa: E402
 from optim.policy import Policy  # noqa: E402
-from optim.selector import Selector  # noqa: E402
+from optim.selector.model import Selector  # noqa: E402
 
 PROMPT = "CT: axial slice of the abdomen with a large bright lesion on the left"
 

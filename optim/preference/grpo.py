@@ -117,7 +117,7 @@ def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], ru
     ``run_step(trajectory, step, rows, advantage, weight, last)`` computes the ``GRPOStepTerms`` of
     that step for the candidates ``rows`` (a slice) and, when training, back-propagates
     ``weight * terms.loss``; ``last`` marks the final call, where a distributed run synchronises
-    gradients. The in-process update (``optim.update``) and the accelerate trainer (``optim.train``)
+    gradients. The in-process update (``optim.preference.update``) and the accelerate trainer (``optim.train``)
     differ only in that function.
 
     ``weights``: one loss weight per group (default equal; updates pass ``RankedGroup.weight()``, the

@@ -5,7 +5,7 @@ Classic RLHF (REFERENCES.md section 8) learns a reward model from the human comp
 ranks many more samples than the humans did. This module is that reward model, kept small enough to
 retrain in seconds on a CPU whenever an update runs:
 
-- **Comparisons.** Every cross-tier pair of every stored ranking (``optim.rewards.weighted_pairs``),
+- **Comparisons.** Every cross-tier pair of every stored ranking (``optim.preference.rewards.weighted_pairs``),
   weighted by the expert's level (1-3: a loss weight, never a change of label). Tied candidates give
   no pair (as in ImageReward): a tie is not a preference. Imported ratings give, within one prompt,
   every pair of images with different ratings, weighted by the mean of the two rows' levels.
@@ -51,8 +51,8 @@ import torch
 from torch.nn import functional as F
 
 from data.files import write_atomically
-from optim.rewards import Ranking, level_weight, validate_ranking, weighted_pairs
-from optim.selector import Selector, as_unit_array, network_input
+from optim.preference.rewards import Ranking, level_weight, validate_ranking, weighted_pairs
+from optim.selector.model import Selector, as_unit_array, network_input
 
 WEIGHTS_FILE = "reward_model.safetensors"
 CONFIG_FILE = "reward_model.json"
@@ -76,7 +76,7 @@ def comparisons_from_rankings(
     """Every cross-tier pair of every (ranking, level) of one group; ties give none, the weight is the level.
 
     Candidate ``candidate_ids[k]`` is image ``image_offset + k`` of the list given to ``fit``. Each
-    ranking must rank exactly these candidates (``optim.rewards.validate_ranking``'s errors say which not).
+    ranking must rank exactly these candidates (``optim.preference.rewards.validate_ranking``'s errors say which not).
     """
     ids = validate_ranking([candidate_ids])[0]  # normalised ids (numpy integers become int), no repeats
     for tiers, _ in rankings:

@@ -6,7 +6,7 @@ should reach the ranking page. For each image and its prompt the selector return
 1. Gates, plain rules with no learning: non-finite pixels, a blank (near-constant) image, too
    little dynamic range, too much clipping to black or white, a wrong size or shape.
 2. A small network with two heads, trained on the experts' ratings CSV
-   (``python -m workbench.selector train``, see ``optim/selector_training.py``):
+   (``python -m workbench.selector train``, see ``optim/selector/training.py``):
    a quality score in [0, 1] and the probability of each modality the CSV names. The modality head
    is sized from the CSV, and the names (``Selector.modalities``) are saved with the weights (in
    ``selector.json`` and in the safetensors metadata), so a host's dermoscopy or fundus selector
@@ -43,7 +43,7 @@ from torch import nn
 from data.images import MedicalImage, rgb_to_gray, to_display
 from data.modalities import MODALITIES, display_name, modality_name, modality_of_prompt
 
-DEFAULT_SELECTOR = Path(__file__).resolve().parents[1] / "data" / "pretrained" / "selector"
+DEFAULT_SELECTOR = Path(__file__).resolve().parents[2] / "data" / "pretrained" / "selector"
 WEIGHTS_FILE = "selector.safetensors"
 CONFIG_FILE = "selector.json"
 GATES = "gates"  # the selector name (``--selector gates``) of the rule gates alone

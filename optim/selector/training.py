@@ -36,8 +36,8 @@ from tqdm import tqdm
 from data.images import read_image, to_display
 from data.modalities import MODALITIES, modality_of_prompt
 from data.ratings import RatingsConfig, RowError, read_ratings
-from optim.rewards import level_weight
-from optim.selector import Selector, SelectorConfig, SelectorNet, gate_reasons, network_input
+from optim.preference.rewards import level_weight
+from optim.selector.model import Selector, SelectorConfig, SelectorNet, gate_reasons, network_input
 
 
 @dataclass

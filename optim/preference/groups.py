@@ -1,0 +1,71 @@
+"""A ranked group: the candidates drawn for one prompt, their stored chains, and the experts' rankings.
+
+This is the unit both trainers consume. GRPO reads one reward per candidate (the level-weighted mean
+of each expert's position rewards) and the group's weight; Diffusion-DPO reads the (winner, loser,
+weight) pairs. Both come from ``optim.preference.rewards``, so the two algorithms always see the same preferences.
+
+A group the reward model ranked instead of an expert (an amplified update's AI feedback) carries an
+``AIRanking``: its rewards are the model's scores (dense, not positions), its pairs follow the scores,
+and its weight is the configured AI weight, set against the experts' levels (1-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from optim.trajectory import Trajectory
+from optim.preference.rewards import Ranking, combined_rewards, level_weight, validate_ranking, weighted_pairs
+
+
+@dataclass
+class AIRanking:
+    scores: list[float]  # the reward model's ensemble mean per candidate, in row order
+    agreement: float  # share of the ensemble members' pair orderings that agree with the mean's
+    weight: float  # the group's loss weight, against an expert level's 1-3
+
+
+@dataclass
+class RankedGroup:
+    id: str
+    candidate_ids: list[str]  # in the trajectory's row order
+    trajectory: Trajectory
+    rankings: list[tuple[Ranking, int]] = field(default_factory=list)  # (tiers best first, expert level)
+    ai: AIRanking | None = None  # set when the reward model ranked the group
+
+    @property
+    def source(self) -> str:
+        return "ai" if self.ai is not None else "human"
+
+    def __post_init__(self):
+        if len(self.candidate_ids) != self.trajectory.latents.shape[0]:
+            raise ValueError(
+                f"group {self.id}: {len(self.candidate_ids)} candidate ids for {self.trajectory.latents.shape[0]} stored chains"
+            )
+        self.rankings = [(validate_ranking(tiers, self.candidate_ids), level) for tiers, level in self.rankings]
+
+    def weight(self) -> float:
+        """The group's loss weight in GRPO: the sum of its rankings' expert levels, or the AI weight.
+
+        A group ranked by a level-3 expert counts three times one ranked by a level-1 expert, as its
+        pairs do in DPO; a group two experts ranked counts for both.
+        """
+        if self.ai is not None:
+            return self.ai.weight
+        return sum(level_weight(level) for _, level in self.rankings)
+
+    def rewards(self) -> torch.Tensor:
+        """One reward per candidate, in row order (0.5 for all when nobody ranked the group)."""
+        if self.ai is not None:
+            return torch.tensor(self.ai.scores, dtype=torch.float32)
+        rewards = combined_rewards(self.rankings)
+        return torch.tensor([rewards.get(c, 0.5) for c in self.candidate_ids], dtype=torch.float32)
+
+    def pairs(self) -> list[tuple[int, int, float]]:
+        """(winner row, loser row, weight) for every ranked pair, ties skipped."""
+        if self.ai is not None:
+            scores = self.ai.scores
+            return [(w, l, self.ai.weight) for w in range(len(scores)) for l in range(len(scores)) if scores[w] > scores[l]]
+        row = {c: i for i, c in enumerate(self.candidate_ids)}
+        return [(row[w], row[l], weight) for w, l, weight in weighted_pairs(self.rankings)]

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import (JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, inspect, select,
                         text)
@@ -43,6 +44,7 @@ from data.modalities import modality_of_prompt
 from data.rankings import RankingError, normalise_tiers, ranking_faults
 
 POOL_SIZE = 20  # database connections kept open: the experts who may submit at the same instant
+REMEMBERED_GROUPS = 4096  # groups whose candidates a store keeps in memory for rankings (then forgets them all)
 RATINGS = (1, 2, 3)
 HUMAN, AI = "human", "ai"  # a group's source
 AB_CHOICES = ("left", "right", "same")  # what an expert picks in a blind pair
@@ -218,6 +220,13 @@ class NewImportedRating:
     source: str
 
 
+class CandidateId(NamedTuple):
+    """What a ranking is checked against: a candidate's id and whether it survived the selector."""
+
+    id: str
+    passed: bool
+
+
 @dataclass
 class NewCandidate:
     """A candidate as the sampler hands it over: its bytes go to blobs, the rows keep their digests."""
@@ -247,6 +256,10 @@ class Store:
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # What never changes once stored, remembered so that a ranking is its insert alone (on a database
+        # server each read is a round trip to a process that waits for a CPU while an update runs):
+        self._group_candidates: dict[str, list[CandidateId]] = {}  # a group's candidates, position order
+        self._expert_ids: dict[str, int] = {}  # an expert's row id (experts are never removed or renamed)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -272,6 +285,7 @@ class Store:
                 s.add(expert := Expert(name=name, role=role, level=level))
         except IntegrityError:
             raise StoreError(f"expert {name!r} already exists") from None
+        self._expert_ids[name] = expert.id
         return _row(expert)
 
     def set_expert(self, name: str, role: str = "expert", level: int = 1) -> dict:
@@ -285,6 +299,7 @@ class Store:
                 s.add(expert)
         except IntegrityError:  # another session added the name just now: update theirs
             return self.set_expert(name, role, level)
+        self._expert_ids[name] = expert.id
         return _row(expert)
 
     def get_expert(self, name: str) -> dict:
@@ -312,6 +327,7 @@ class Store:
         with self._session.begin() as s:
             s.add(Group(id=group_id, prompt=prompt, version=version, seeds=list(seeds), settings=dict(settings),
                         wanted_rankings=wanted_rankings, candidates=rows, source=HUMAN if ai is None else AI, ai=ai))
+        self._remember_candidates(group_id, [CandidateId(c.id, c.passed) for c in rows])
         return group_id
 
     def ai_groups(self) -> list[dict]:
@@ -365,21 +381,25 @@ class Store:
         when given, first checks the tiers against the survivors' ids and returns them as they are to
         be stored (the control room's ranking rules and messages).
 
-        One transaction of two reads and the insert: every expert's submission takes this path, and
-        on PostgreSQL each statement, BEGIN and COMMIT is a round trip to a server process that waits
-        for a CPU while an update keeps both busy. (pysqlite begins SQLite's transaction at the
-        insert, so SQLite's write lock is still held for one statement.)
+        Every expert's submission takes this path, and on PostgreSQL each statement, BEGIN and COMMIT
+        is a round trip to a server process that waits for a CPU while an update keeps both busy: with
+        the group's candidates and the expert's id remembered (and a ``level`` given), the transaction
+        is the insert alone. (pysqlite begins SQLite's transaction at the insert, so SQLite's write
+        lock is held for one statement.)
         """
         try:
             with self._one_writer, self._session.begin() as s:
-                candidates, who = self._candidates(s, group_id), self._expert(s, expert)
+                candidates = self._candidates(s, group_id)
                 if check_tiers is not None and not skipped:
                     tiers = check_tiers([c.id for c in candidates if c.passed])
                 _check_answer(group_id, candidates, list(tiers or []), ratings, skipped)
-                level = who.level if level is None else level
+                if level is None:
+                    expert_id, level = (who := self._expert(s, expert)).id, who.level
+                else:
+                    expert_id = self._expert_id(s, expert)
                 if level not in LEVELS:
                     raise StoreError(f"level must be one of {LEVELS}, not {level!r}")
-                row = Ranking(group_id=group_id, expert_id=who.id, level=level, tiers=list(tiers or []),
+                row = Ranking(group_id=group_id, expert_id=expert_id, level=level, tiers=list(tiers or []),
                               ratings=ratings, skipped=skipped, seconds=seconds)
                 s.add(row)
         except IntegrityError:  # the unique (group, expert) constraint, also when two submissions race
@@ -586,19 +606,33 @@ class Store:
             raise StoreError(f"unknown group {group_id!r}")
         return group
 
-    def _candidates(self, s, group_id: str) -> list:
-        """The group's candidates as rows of (id, passed), position order; an unknown group is refused."""
+    def _candidates(self, s, group_id: str) -> list[CandidateId]:
+        """The group's candidates, position order, remembered; an unknown group is refused."""
+        if (known := self._group_candidates.get(group_id)) is not None:
+            return known
         rows = s.execute(select(Candidate.id, Candidate.passed).where(Candidate.group_id == group_id)
                          .order_by(Candidate.position)).all()
         if not rows:
             self._group(s, group_id)  # raises, naming the group, when there is no such group
-        return rows
+        return self._remember_candidates(group_id, [CandidateId(r.id, r.passed) for r in rows])
+
+    def _remember_candidates(self, group_id: str, candidates: list[CandidateId]) -> list[CandidateId]:
+        if len(self._group_candidates) >= REMEMBERED_GROUPS:
+            self._group_candidates.clear()  # experts rank recent groups: the next few reads fill it again
+        self._group_candidates[group_id] = candidates
+        return candidates
 
     def _expert(self, s, name: str) -> Expert:
         expert = s.scalars(select(Expert).where(Expert.name == name)).first()
         if expert is None:
             raise StoreError(f"unknown expert {name!r} (add_expert first)")
+        self._expert_ids[name] = expert.id
         return expert
+
+    def _expert_id(self, s, name: str) -> int:
+        """The expert's row id, remembered (a new expert's is learnt at enrolment or first use)."""
+        known = self._expert_ids.get(name)
+        return known if known is not None else self._expert(s, name).id
 
 
 def _add_missing_columns(engine) -> None:

@@ -205,6 +205,37 @@ def test_the_export_reads_every_ranked_group_in_a_fixed_number_of_queries(store)
     assert json.loads(json.dumps(many)) == many  # JSON-ready, like every other answer of the store
 
 
+def test_a_ranking_is_one_insert_once_its_group_and_expert_are_known(store, tmp_path, store_url, monkeypatch):
+    """A group's candidates and an expert's id never change once stored, so the store remembers them: an
+    expert's ranking is its insert alone. Another store on the same database (another process) remembers
+    nothing and reads them, and checks the ranking the same way; so does a store that forgot."""
+    _experts(store, "alice")  # at a level, as a logged-in expert ranks
+    g = _group(store, wanted_rankings=3)
+    statements = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    store.add_ranking(g, "alice", [[f"{g}-c0"], [f"{g}-c1"]], level=2)
+    assert [q.split()[0] for q in statements] == ["INSERT"]
+
+    other = Store(tmp_path / "work", store_url)
+    try:
+        with pytest.raises(StoreError, match=f"rejected {g}-c2"):
+            other.add_ranking(g, "alice", [[f"{g}-c0", f"{g}-c1", f"{g}-c2"]], level=2)
+        with pytest.raises(StoreError, match="unknown group 'nope'"):
+            other.add_ranking("nope", "alice", [[f"{g}-c0"]], level=2)
+        with pytest.raises(StoreError, match="unknown expert 'mallory'"):
+            other.add_ranking(g, "mallory", [[f"{g}-c0", f"{g}-c1"]], level=2)
+        other.add_expert("bob", level=3)
+        assert other.add_ranking(g, "bob", [[f"{g}-c1", f"{g}-c0"]])["level"] == 3  # no level given: the expert's
+    finally:
+        other.close()
+
+    monkeypatch.setattr("data.store.REMEMBERED_GROUPS", 1)
+    h = _group(store, tag=b"next")  # the store forgets g's candidates to remember h's
+    with pytest.raises(StoreError, match=f"left out {g}-c1"):
+        store.add_ranking(g, "alice", [[f"{g}-c0"]], level=2)
+    assert [r["expert"] for r in store.rankings(g)] == ["alice", "bob"] and store.rankings(h) == []
+
+
 def test_twenty_experts_ranking_at_once_while_an_update_is_written(store):
     names = [f"expert{k:02d}" for k in range(20)]
     _experts(store, *names)

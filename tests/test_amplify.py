@@ -51,6 +51,8 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
     model = result.metrics["reward_model"]
     assert model["heldout_groups"] == model["groups"] >= 4 and result.metrics["ai_groups_skipped"] == 0
     assert stages[0][1].startswith("fitting the reward model") and stages[-1][0] == 1.0
+    firsts = list(dict.fromkeys(what.split()[0] for _, what in stages[:-1]))  # each stage named, in order
+    assert firsts == ["fitting", "drawing", "AI-ranked", "training:", "optimizer"], firsts
     assert [f for f, _ in stages] == sorted(f for f, _ in stages)  # the progress bar only moves forward
     assert (room.workdir / "reward_models" / result.version.id / "reward_model.safetensors").is_file()
 

@@ -190,6 +190,7 @@ class ControlRoom:
                         raise AmplificationRefused(f"the reward model needs at least {amplify.min_ranked_groups} ranked "
                                                    "groups before it can rank AI groups")
                     ranked_prompts = list(dict.fromkeys([g.trajectory.prompt for g in groups] + (prompts or [])))
+                    progress(0.05, f"drawing {amplify.ai_groups} groups for the reward model to rank")
                     drawn, extra["ai_groups_skipped"] = draw_ai_groups(
                         self.sampler, reward_model, ranked_prompts, amplify, self._sampling(), config.seed,
                         lambda done, total: progress(0.05 + 0.35 * done / total, f"AI-ranked group {done} of {total}"))
@@ -197,7 +198,8 @@ class ControlRoom:
             except AmplificationRefused as refusal:
                 result = UpdateResult(False, None, extra, f"update refused: {refusal}; {self.policy.version} stays current")
             else:
-                accept = self._pass_rate_check(groups)
+                accept = self._pass_rate_check(groups, progress)
+                progress(0.4, f"training: {algorithm.upper()} on {len(groups)} groups")
                 result = apply_update(self.policy, self.version_store, groups, config, extra_metrics=extra, accept=accept,
                                       on_step=lambda done, total: progress(0.4 + 0.55 * done / total,
                                                                            f"optimizer step {done} of {total}"))
@@ -373,7 +375,7 @@ class ControlRoom:
         ids = [c["id"] for c in self.store.get_group(group_id)["candidates"]]
         return RankedGroup(group_id, ids, result.trajectory, ai=AIRanking(drawn.scores, drawn.agreement, weight))
 
-    def _pass_rate_check(self, groups: list[RankedGroup]):
+    def _pass_rate_check(self, groups: list[RankedGroup], progress: Callable[[float, str], None]):
         """A check for ``apply_update`` (a reward-hacking guard): on ``pass_rate_probe`` fixed seeds spread over
         the update's prompts (up to 8), the trained weights' selector pass rate may not fall more than
         ``max_pass_rate_drop`` below the base model's (adapters off).
@@ -393,6 +395,8 @@ class ControlRoom:
             return [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
 
         probes = [(prompt, n, PROBE_SEED + k) for k, (prompt, n) in enumerate(zip(prompts, shares)) if n]
+        if any(probe not in self._base_probe for probe in probes):
+            progress(0.4, "the base model's selector pass rate on fixed seeds (once per prompt)")
         with self.policy.reference():  # drawn once per probe: the base model, seeds and selector stay the same
             for probe in probes:
                 if probe not in self._base_probe:
@@ -401,6 +405,7 @@ class ControlRoom:
         base = sum(base_passed) / len(base_passed)
 
         def accept() -> str | None:
+            progress(0.95, "checking the selector's pass rate of the trained weights")
             passed = [p for probe in probes for p in verdicts(*probe)]
             after = sum(passed) / len(passed)
             if base - after > self.config.max_pass_rate_drop:

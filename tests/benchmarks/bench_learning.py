@@ -47,6 +47,18 @@ from optim.preference.update import kl_between, step_kernels  # noqa: E402
 from workbench.room import ControlRoom  # noqa: E402
 
 EVAL_SEED = 10_000
+# The update's stages, by the first words of the room's progress messages.
+STAGES = {"fitting": "reward model", "drawing": "AI groups", "AI-ranked": "AI groups", "the base": "base pass rate",
+          "training": "training", "optimizer": "training", "checking": "pass-rate check"}
+
+
+def stage_seconds(marks: list[tuple[float, str]], end: float) -> dict[str, float]:
+    """Seconds per stage from the progress messages' times (a stage lasts until the next one starts)."""
+    seconds = {}
+    for (at, what), (until, _) in zip(marks, marks[1:] + [(end, "")]):
+        stage = next((name for prefix, name in STAGES.items() if what.startswith(prefix)), "saving")
+        seconds[stage] = seconds.get(stage, 0.0) + until - at
+    return seconds
 
 
 def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
@@ -86,16 +98,18 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
             tiers = expert.rank([c.id for c in group.survivors], [c.image for c in group.survivors])
             room.rank(group.id, tiers, expert="simulated", level=3)
         if (g + 1) % args.groups_per_update == 0 or g == args.groups - 1:
-            started = time.perf_counter()
+            started, marks = time.perf_counter(), []
             try:
-                update = room.apply_update(algorithm, config=config, ai_groups=ai_groups)
+                update = room.apply_update(algorithm, config=config, ai_groups=ai_groups,
+                                           on_progress=lambda _, what: marks.append((time.perf_counter(), what)))
             except ValueError as nothing:  # every new group tied throughout: no preference to learn from
                 print(f"  [{expert_name} {algorithm} ai={ai_groups}] after group {g + 1}: no update: {nothing}", flush=True)
                 continue
             update_times.append(time.perf_counter() - started)
             metrics = update.metrics if update.applied else metrics
+            stages = ", ".join(f"{name} {t:.0f} s" for name, t in stage_seconds(marks[:-1], marks[-1][0]).items())
             print(f"  [{expert_name} {algorithm} ai={ai_groups}] after group {g + 1}: {update.message} "
-                  f"({update_times[-1]:.0f} s)", flush=True)
+                  f"({update_times[-1]:.0f} s: {stages})", flush=True)
     scores, passed, greys, _ = evaluate(room, expert, prompts, args.eval)
     change = scores - base_scores
     within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))

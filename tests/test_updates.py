@@ -131,6 +131,33 @@ def test_an_update_over_the_kl_budget_is_refused_and_the_previous_version_stays(
     assert store.current == "v0"
 
 
+def test_grpo_watches_the_untrained_steps_of_the_first_kl_groups_only(fresh, drawn, tmp_path, monkeypatch):
+    """The trained steps' KL comes with the training pass; the untrained steps' costs a forward pass each, so
+    GRPO's trust region measures those on the first ``kl_groups`` groups (the experts', before AI groups)."""
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    weights = fresh.lora_state_dict()
+    real_score_step, passes = fresh.score_step, []
+
+    def counting(*args, **kwargs):
+        passes.append(torch.is_grad_enabled())
+        return real_score_step(*args, **kwargs)
+
+    monkeypatch.setattr(fresh, "score_step", counting)
+    without_gradients = {}
+    for kl_groups in (1, 8):
+        passes.clear()
+        fresh.load_lora_state_dict(weights)
+        config = UpdateConfig(optimizer_steps=2, train_fraction=0.5, kl_budget=float("inf"), kl_groups=kl_groups, seed=0)
+        assert apply_update(fresh, store, [ranked(drawn), RankedGroup("g2", IDS, drawn, ranked(drawn).rankings)],
+                            config).applied
+        without_gradients[kl_groups] = passes.count(False)
+    scored = len(drawn.scored_steps())
+    untrained = scored - max(1, round(0.5 * scored))
+    # the second group's untrained steps: before each of the 2 optimizer steps and once after the last
+    assert without_gradients[8] - without_gradients[1] == 3 * untrained > 0
+
+
 def test_an_applied_update_is_a_new_current_version_with_its_metrics(fresh, drawn, tmp_path):
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)

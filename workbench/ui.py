@@ -314,7 +314,8 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                 ai_groups = gr.Number(value=room.config.amplify.ai_groups, precision=0, minimum=0,
                                       maximum=MAX_AI_GROUPS, label="AI-ranked groups to add",
                                       info="drawn for the ranked prompts and ranked by the reward model "
-                                           "learned from the experts; 0 trains on human rankings only")
+                                           "learned from the experts; each adds about as much training time "
+                                           "as a ranked group; 0 trains on human rankings only")
             update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
             update_status = gr.Markdown()
         with gr.Row():

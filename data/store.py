@@ -394,7 +394,8 @@ class Store:
                     tiers = check_tiers([c.id for c in candidates if c.passed])
                 _check_answer(group_id, candidates, list(tiers or []), ratings, skipped)
                 if level is None:
-                    expert_id, level = (who := self._expert(s, expert)).id, who.level
+                    who = self._expert(s, expert)
+                    expert_id, level = who.id, who.level
                 else:
                     expert_id = self._expert_id(s, expert)
                 if level not in LEVELS:

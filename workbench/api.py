@@ -340,8 +340,8 @@ def login_function(api: RoomAPI):
             good = api.users.authenticate(username, password, address=_client_address.get())
         except LoginLockedOut as error:
             raise HTTPException(429, str(error), headers={"Retry-After": str(math.ceil(error.retry_after))}) from None
-        user = api.users.get(username)
-        if good and user is not None:  # None only if the accounts file lost the name since
+        # The user is None only if the accounts file lost the name since.
+        if good and (user := api.users.get(username)) is not None:
             api.enrolled(user)
         return good
     return login

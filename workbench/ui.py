@@ -631,8 +631,9 @@ def _enlarged(image, size: int = 256):
 def serve(api: RoomAPI, host: str = "127.0.0.1", port: int | None = None, block: bool = True) -> gr.Blocks:
     """Launch the page; with an accounts file every route asks for a login first.
 
-    The store's connections are opened first. Uploads are limited to ``MAX_UPLOAD``; every hour, Gradio's cache of uploaded and handed-out
-    files loses what is older than the outbox's hours, and at shutdown all of it.
+    The store's connections are opened first. Uploads are limited to ``MAX_UPLOAD``; every hour,
+    Gradio's cache of uploaded and handed-out files loses what is older than the outbox's hours, and
+    at shutdown all of it.
     """
     api.room.store.open_connections()
     page = build_page(api)

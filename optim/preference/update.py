@@ -230,7 +230,6 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def step_kernels(policy: Policy, groups: list[RankedGroup], plan: list[list[int]] | None = None,
                  micro_batch: int = 0) -> Kernels:
     """(mean, std) of the planned stored steps' kernels (all steps by default) under the current weights,
@@ -266,8 +265,9 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
     generator = torch.Generator().manual_seed(seed)
     plan = trained_steps(groups, config.train_fraction, generator, config.train_window)
     # The trust region watches every scored step, not only the trained ones: the adapters act on all of them.
-    untrained = [[j for j in g.trajectory.scored_steps() if j not in steps] for g, steps in zip(groups, plan)]
-    untrained = untrained[:config.kl_groups] + [[] for _ in groups[config.kl_groups:]]
+    # GRPO measures the untrained steps' KL on the first kl_groups groups (the trained steps' comes with training).
+    untrained = [[j for j in g.trajectory.scored_steps() if j not in steps] if i < config.kl_groups else []
+                 for i, (g, steps) in enumerate(zip(groups, plan))]
     grpo = config.algorithm == "grpo"
     watched_groups = groups if grpo else groups[:config.kl_groups]  # the steps the trust region's KL covers
     watched_steps = [t + u for t, u in zip(plan, untrained)] if grpo else None  # None: every scored step

@@ -70,7 +70,7 @@ TRACKERS = ("tensorboard", "wandb", "none")
 #: ``UpdateConfig``'s fields that belong to one in-process update and mean nothing offline: a run takes
 #: one optimizer step per batch for its epochs (batch_size pairs or prompts per process), trains every
 #: stored step of a GRPO group, and has no trust region.
-IN_PROCESS_ONLY = ("optimizer_steps", "kl_budget", "train_fraction", "train_window", "kl_groups", "micro_batch")
+IN_PROCESS_ONLY = ("groups_per_step", "kl_budget", "train_fraction", "train_window", "kl_groups", "micro_batch")
 
 
 # ---------------------------------------------------------------------- settings
@@ -229,7 +229,7 @@ class Trainer:
                                       steps=c.steps, guidance=c.guidance) for p in prompts]
         rewards = [selector_rewards(self.selector, s.images, p) for s, p in zip(samples, prompts)]
 
-        def run_step(trajectory, step, rows, advantage, weight, last):
+        def run_step(group, trajectory, step, rows, advantage, weight, last):
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 terms = self.model(grpo_step, trajectory, step, advantage, c.grpo, None, rows)
                 self.accelerator.backward(weight * terms.loss)

@@ -5,11 +5,12 @@ import shutil
 from dataclasses import replace
 
 import datasets
+import numpy as np
 import pytest
 from sqlalchemy import text
 
 from data.phantoms import all_prompts
-from data.simulated_experts import EXPERTS
+from data.simulated_experts import EXPERTS, grey_levels
 from data.store import Store
 from workbench import ControlRoom, RoomConfig
 from workbench.ai_feedback import AmplifyConfig
@@ -67,6 +68,25 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
     both = datasets.load_dataset("parquet", data_files=str(room.export("pickapic", tmp_path / "a.parquet", include_ai=True)),
                                  split="train")
     assert both["source"].count("ai") == 3 * 6 and set(both.filter(lambda r: r["source"] == "ai")["expert_level"]) == {0}
+
+
+def test_an_amplified_update_moves_the_images_further_than_one_without(ranked_room, tmp_path):
+    """The same six ranked groups and seed, three groups an optimizer step: six AI groups double the steps
+    (4 -> 8), and seed-matched images move further from the base's (by 1.49x when written). Which way they
+    move is the learning benchmark's to show: six groups of four-step chains are too few to say."""
+    settings = dict(update=replace(CONFIG.update, seed=7, epochs=2, groups_per_step=3),
+                    amplify=AmplifyConfig(min_ranked_groups=3, min_agreement=0.0))
+    moved = {}
+    for ai_groups in (0, 6):
+        room = room_copy(ranked_room, tmp_path / f"ai{ai_groups}", **settings)
+        result = room.apply_update("grpo", ai_groups=ai_groups)
+        assert result.applied, result.message
+        assert result.metrics["optimizer_steps_taken"] == {0: 4, 6: 8}[ai_groups]
+        base = [grey_levels(im) for p in PROMPTS for im in room.sample(p, n=4, seed=99, version="v0")]
+        after = [grey_levels(im) for p in PROMPTS for im in room.sample(p, n=4, seed=99)]
+        moved[ai_groups] = float(np.mean([np.sqrt(((a - b) ** 2).mean()) for a, b in zip(after, base)]))
+        room.store.close()
+    assert moved[6] > 1.25 * moved[0] > 0
 
 
 def test_an_update_whose_ai_groups_the_ensemble_cannot_agree_on_is_refused(ranked_room, tmp_path):

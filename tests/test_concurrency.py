@@ -75,7 +75,7 @@ def test_twenty_experts_rank_while_an_update_runs(served, capsys):
         admin = Client(url, auth=("admin", PASSWORD), verbose=False)
         update = {}
         updater = threading.Thread(target=lambda: update.update(result=admin.predict(
-            algorithm="grpo", settings={"optimizer_steps": 40}, api_name="/apply_update")))
+            algorithm="grpo", settings={"epochs": 40}, api_name="/apply_update")))
         updater.start()
         deadline = time.time() + 60
         while not room.model_lock.locked():  # the update holds the model

@@ -93,7 +93,7 @@ def test_one_grpo_step_raises_the_log_prob_of_the_positive_advantage_chain(folde
     trajectory = policy.sample(PROMPT, n=3, seed=2, **FAST).trajectory
     store = VersionStore(tmp_path / "versions")
     policy.open_versions(store)
-    config = UpdateConfig(algorithm="grpo", optimizer_steps=1, train_fraction=1.0, kl_budget=float("inf"), seed=0,
+    config = UpdateConfig(algorithm="grpo", epochs=1, train_fraction=1.0, kl_budget=float("inf"), seed=0,
                           learning_rate=1e-3)
     result = apply_update(policy, store, [ranked(trajectory)], config)
     assert result.applied and result.version.id == "v1", result.message
@@ -198,7 +198,7 @@ def test_set_alpha_to_one_makes_the_last_ddim_step_deterministic_and_unscored(tm
     assert back.fixed_steps == [STEPS - 1] and torch.equal(policy.log_probs(back), trajectory.log_probs)
     store = VersionStore(tmp_path / "versions")
     policy.open_versions(store)
-    config = UpdateConfig(algorithm="grpo", optimizer_steps=2, train_fraction=1.0, seed=0)
+    config = UpdateConfig(algorithm="grpo", epochs=2, train_fraction=1.0, seed=0)
     result = apply_update(policy, store, [ranked(trajectory)], config)
     assert result.applied, result.message  # finite: the deterministic step is left out
     assert result.metrics["trained_steps"] == [list(range(STEPS - 1))]
@@ -267,7 +267,7 @@ def test_bf16_sampling_keeps_the_ratio_at_one_and_an_update_runs_checkpointed_in
     store = VersionStore(tmp_path / "versions")
     policy.open_versions(store)
     for algorithm in ("grpo", "dpo"):
-        config = UpdateConfig(algorithm=algorithm, optimizer_steps=1, micro_batch=2, kl_budget=float("inf"), seed=0,
+        config = UpdateConfig(algorithm=algorithm, epochs=1, micro_batch=2, kl_budget=float("inf"), seed=0,
                               dpo=DPOConfig(noise_draws=1))
         result = apply_update(policy, store, [ranked(trajectory)], config)
         assert result.applied and math.isfinite(result.metrics["loss_last"]), result.message

@@ -79,7 +79,7 @@ def test_an_fp16_update_records_its_loss_scale_and_an_fp32_one_none(moved, tmp_p
         trajectory = model.sample(PROMPT, n=4, seed=1, **TINY).trajectory
         group = RankedGroup("g", IDS, trajectory, [([["c2"], ["c0", "c3"], ["c1"]], 2)])
         result = apply_update(model, VersionStore(tmp_path / str(expected)), [group],
-                              UpdateConfig(optimizer_steps=1, train_fraction=0.25, kl_budget=float("inf"), seed=0))
+                              UpdateConfig(epochs=1, train_fraction=0.25, kl_budget=float("inf"), seed=0))
         assert result.applied and result.metrics["steps"][0]["loss_scale"] == expected
 
 
@@ -120,7 +120,7 @@ def test_a_dpo_step_recomputed_at_a_lower_loss_scale_keeps_its_timesteps_and_noi
     trajectory = model.sample(PROMPT, n=4, seed=1, **TINY).trajectory
     group = RankedGroup("g", IDS, trajectory, [([["c2"], ["c0", "c3"], ["c1"]], 2)])
     result = apply_update(model, VersionStore(tmp_path / "v"), [group],
-                          UpdateConfig(algorithm="dpo", optimizer_steps=2, kl_budget=float("inf"), seed=0))
+                          UpdateConfig(algorithm="dpo", epochs=2, kl_budget=float("inf"), seed=0))
     assert result.applied and len(draws) == 4  # two optimizer steps, each run twice
     assert torch.equal(draws[0].noise, draws[1].noise) and torch.equal(draws[0].timesteps, draws[1].timesteps)
     assert not torch.equal(draws[1].noise, draws[2].noise)  # the next optimizer step draws afresh

@@ -114,7 +114,7 @@ def test_an_update_runs_with_gradient_checkpointing_when_the_policy_asks_for_it(
     seen = []
     try:
         result = apply_update(policy, VersionStore(tmp_path / "versions"), groups[:1],
-                              UpdateConfig(optimizer_steps=1, train_fraction=0.25, kl_budget=float("inf"), seed=0),
+                              UpdateConfig(epochs=1, train_fraction=0.25, kl_budget=float("inf"), seed=0),
                               on_step=lambda done, total: seen.append(policy.unet.is_gradient_checkpointing))
     finally:
         policy.load_lora_state_dict(start)

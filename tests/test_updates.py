@@ -80,7 +80,7 @@ def test_dpo_hinge_and_ipo_at_the_reference_are_hand_worked(fresh, drawn):
 
 def test_one_dpo_step_raises_the_winners_implicit_reward_over_the_losers(fresh, drawn, tmp_path):
     group = ranked(drawn, tiers=(["c2"], ["c1"], ["c0"], ["c3"]))
-    config = UpdateConfig(algorithm="dpo", learning_rate=1e-3, optimizer_steps=1, kl_budget=float("inf"))
+    config = UpdateConfig(algorithm="dpo", learning_rate=1e-3, epochs=1, kl_budget=float("inf"))
     result = apply_update(fresh, VersionStore(tmp_path / "versions"), [group], config)
     assert result.applied, result.message
     after = group_losses(fresh, group, config)["dpo"]
@@ -91,7 +91,7 @@ def test_one_dpo_step_raises_the_winners_implicit_reward_over_the_losers(fresh, 
 def test_one_grpo_step_raises_the_log_prob_of_the_positive_advantage_chain(fresh, drawn, tmp_path):
     group = ranked(drawn, tiers=(["c2"], ["c0", "c1", "c3"]))
     before = fresh.log_probs(drawn).mean(dim=1)
-    config = UpdateConfig(algorithm="grpo", learning_rate=1e-3, optimizer_steps=1, kl_budget=float("inf"))
+    config = UpdateConfig(algorithm="grpo", learning_rate=1e-3, epochs=1, kl_budget=float("inf"))
     assert apply_update(fresh, VersionStore(tmp_path / "versions"), [group], config).applied
     change = fresh.log_probs(drawn).mean(dim=1) - before
     assert change[2] > 0 and change[2] > change[[0, 1, 3]].max()
@@ -112,7 +112,7 @@ def test_a_nan_loss_leaves_the_weights_untouched_and_nothing_is_saved(fresh, dra
         return terms
 
     monkeypatch.setattr(update, "grpo_step", poisoned)
-    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=3, learning_rate=1e-3, train_fraction=1.0))
+    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(epochs=3, learning_rate=1e-3, train_fraction=1.0))
     assert not result.applied and result.version is None
     assert result.message.startswith("update refused: the GRPO loss is not finite (nan): no step was taken")
     assert result.message.endswith("v0 stays current")
@@ -124,7 +124,7 @@ def test_an_update_over_the_kl_budget_is_refused_and_the_previous_version_stays(
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)
     weights = fresh.lora_state_dict()
-    config = UpdateConfig(learning_rate=1e-2, optimizer_steps=2, kl_budget=1e-9)
+    config = UpdateConfig(learning_rate=1e-2, epochs=2, kl_budget=1e-9)
     result = apply_update(fresh, store, [ranked(drawn)], config)
     assert not result.applied and "over the budget 1e-09" in result.message
     assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())
@@ -148,7 +148,7 @@ def test_grpo_watches_the_untrained_steps_of_the_first_kl_groups_only(fresh, dra
     for kl_groups in (1, 8):
         passes.clear()
         fresh.load_lora_state_dict(weights)
-        config = UpdateConfig(optimizer_steps=2, train_fraction=0.5, kl_budget=float("inf"), kl_groups=kl_groups, seed=0)
+        config = UpdateConfig(epochs=2, train_fraction=0.5, kl_budget=float("inf"), kl_groups=kl_groups, seed=0)
         assert apply_update(fresh, store, [ranked(drawn), RankedGroup("g2", IDS, drawn, ranked(drawn).rankings)],
                             config).applied
         without_gradients[kl_groups] = passes.count(False)
@@ -158,10 +158,33 @@ def test_grpo_watches_the_untrained_steps_of_the_first_kl_groups_only(fresh, dra
     assert without_gradients[8] - without_gradients[1] == 3 * untrained > 0
 
 
+def test_each_pass_deals_every_group_once_into_minibatches_of_near_equal_size():
+    generator = torch.Generator().manual_seed(0)
+    batches = update.step_batches(list(range(9)), 5, 2, generator)  # ceil(9 / 5) = 2 steps a pass: 5 and 4 groups
+    assert [len(b) for b in batches] == [5, 4, 5, 4]
+    for first, second in (batches[0:2], batches[2:4]):
+        assert sorted(first + second) == list(range(9))
+    assert batches[0] != batches[2]  # a fresh order each pass
+    assert update.step_batches([0, 1, 2], 5, 3, generator) == [[0, 1, 2]] * 3  # up to 5 groups: one full-batch step a pass
+    assert update.step_batches([4, 7], 0, 2, generator) == [[4, 7]] * 2  # 0: every group in one step
+    assert update.step_batches([], 5, 2, generator) == []
+
+
+def test_a_step_trains_its_minibatch_alone_and_the_update_counts_the_steps(fresh, drawn, tmp_path):
+    store = VersionStore(tmp_path / "versions")
+    fresh.open_versions(store)
+    groups = [RankedGroup(f"g{k}", IDS, drawn, ranked(drawn).rankings) for k in range(3)]
+    config = UpdateConfig(epochs=2, groups_per_step=2, train_fraction=0.25, kl_budget=float("inf"), seed=0)
+    result = apply_update(fresh, store, groups, config)
+    assert result.applied
+    assert result.metrics["optimizer_steps_planned"] == result.metrics["optimizer_steps_taken"] == 4  # 2 a pass
+    assert sorted(step["groups"] for step in result.metrics["steps"]) == [1, 1, 2, 2]
+
+
 def test_an_applied_update_is_a_new_current_version_with_its_metrics(fresh, drawn, tmp_path):
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)
-    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=2))
+    result = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(epochs=2))
     assert result.applied and result.version.id == "v1" and result.version.parent == "v0" and store.current == "v1"
     metrics = store.get("v1").metrics
     assert metrics["algorithm"] == "grpo" and metrics["groups"] == ["g1"] and len(metrics["steps"]) == 2
@@ -194,7 +217,7 @@ def test_an_error_mid_update_restores_the_weights_before_it_propagates(fresh, dr
     monkeypatch.setattr(update, "grpo_step", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         apply_update(fresh, VersionStore(tmp_path / "versions"), [ranked(drawn)],
-                     UpdateConfig(optimizer_steps=3, learning_rate=1e-3, train_fraction=1.0))
+                     UpdateConfig(epochs=3, learning_rate=1e-3, train_fraction=1.0))
     assert all(torch.equal(weights[k], v) for k, v in fresh.lora_state_dict().items())
 
 
@@ -208,7 +231,7 @@ def test_grpo_weighs_each_group_by_its_experts_levels_spread_over_its_trained_st
 
     seen = []
 
-    def run_step(trajectory, step, rows, advantage, weight, last):
+    def run_step(group, trajectory, step, rows, advantage, weight, last):
         seen.append((step, weight, last))
         zero = torch.zeros(4)
         return grpo.GRPOStepTerms(torch.tensor(1.0), torch.ones(4), zero, zero.bool(), torch.tensor(0.0), zero, 1.0)
@@ -216,6 +239,9 @@ def test_grpo_weighs_each_group_by_its_experts_levels_spread_over_its_trained_st
     advantages = group_advantages([senior.rewards(), junior.rewards()])
     metrics = grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]])
     assert seen == [(0, 0.375, False), (2, 0.375, False), (1, 0.25, True)]
+    seen.clear()  # a minibatch without the senior group: the junior group's step carries the whole weight
+    grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[], [1]])
+    assert seen == [(1, 1.0, True)]
     assert metrics["loss"] == pytest.approx(1.0)  # the weights sum to 1
 
 
@@ -233,12 +259,12 @@ def test_an_update_trains_a_seeded_subset_of_steps_and_records_the_seed(fresh, d
     with pytest.raises(ValueError, match="train_window must be one of early, random, got 'late'"):
         update.trained_steps([ranked(drawn)], 0.5, generator, window="late")
 
-    first = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))
-    second = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.25))
+    first = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(epochs=1, train_fraction=0.25))
+    second = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(epochs=1, train_fraction=0.25))
     assert first.applied and second.applied
     assert len(first.metrics["trained_steps"][0]) == 1  # a quarter of 4 stored steps
     assert first.metrics["seed"] != second.metrics["seed"]  # a fresh draw of steps and noise each update
-    pinned = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(optimizer_steps=1, train_fraction=0.5, seed=11))
+    pinned = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(epochs=1, train_fraction=0.5, seed=11))
     assert pinned.metrics["seed"] == 11
 
 
@@ -247,7 +273,7 @@ def test_the_trust_region_keeps_the_last_step_within_the_kl_budget(fresh, drawn,
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)
     start = fresh.lora_state_dict()
-    settings = dict(learning_rate=1e-3, optimizer_steps=3, seed=1)
+    settings = dict(learning_rate=1e-3, epochs=3, seed=1)
     free = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(kl_budget=float("inf"), **settings))
     kls = [s["kl_before_step"] for s in free.metrics["steps"]] + [free.metrics["kl_from_previous"]]
     assert kls[0] == 0.0 and kls[1] > 0

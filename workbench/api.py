@@ -239,7 +239,7 @@ def _short(prompt: str) -> str:
 
 def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
     """The room's update defaults with the page's or client's main settings applied; unknown names refused."""
-    top = {"learning_rate": float, "optimizer_steps": int, "kl_budget": float}
+    top = {"learning_rate": float, "epochs": int, "kl_budget": float}
     nested = {"clip_range": ("grpo", float), "kl_weight": ("grpo", float), "beta": ("dpo", float)}
     unknown = sorted(set(settings) - set(top) - set(nested))
     if unknown:
@@ -248,8 +248,8 @@ def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
     for name, (part, cast) in nested.items():
         if name in settings:
             config = replace(config, **{part: replace(getattr(config, part), **{name: cast(settings[name])})})
-    if config.learning_rate <= 0 or config.optimizer_steps < 1:
-        raise ValueError("learning_rate must be positive and optimizer_steps at least 1")
+    if config.learning_rate <= 0 or config.epochs < 1:
+        raise ValueError("learning_rate must be positive and epochs at least 1")
     return config
 
 

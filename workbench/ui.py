@@ -308,7 +308,9 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
             with gr.Row():
                 algorithm = gr.Radio(["grpo", "dpo"], value=room.config.update.algorithm, label="Algorithm")
                 learning_rate = gr.Number(value=room.config.update.learning_rate, label="Learning rate")
-                steps = gr.Number(value=room.config.update.optimizer_steps, precision=0, label="Optimizer steps")
+                epochs = gr.Number(value=room.config.update.epochs, precision=0, label="Passes over the groups",
+                                   info=f"each pass takes one optimizer step per {room.config.update.groups_per_step} "
+                                        "groups (human and AI-ranked)")
                 clip = gr.Number(value=room.config.update.grpo.clip_range, label="GRPO clip range")
                 beta = gr.Number(value=room.config.update.dpo.beta, label="DPO beta")
                 ai_groups = gr.Number(value=room.config.amplify.ai_groups, precision=0, minimum=0,
@@ -345,11 +347,11 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
         return text, grpo, dpo
 
     @clear_errors
-    def on_update(algo, lr, n_steps, clip_range, beta_value, ai_count, name_value, level_value,
+    def on_update(algo, lr, n_epochs, clip_range, beta_value, ai_count, name_value, level_value,
                   request: gr.Request, progress=gr.Progress()):
         who_ = caller(request, name_value, level_value)
         progress(0.0, desc="applying the update")
-        result = api.apply_update(who_, algo, None, {"learning_rate": lr, "optimizer_steps": n_steps,
+        result = api.apply_update(who_, algo, None, {"learning_rate": lr, "epochs": n_epochs,
                                                      "clip_range": clip_range, "beta": beta_value,
                                                      "ai_groups": ai_count},
                                   on_progress=lambda fraction, what: progress(fraction, desc=what))
@@ -370,7 +372,7 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
 
     losses = View(on_losses, [optimize_status, grpo_table, dpo_table], [page.ranking, *page.me])
     losses_button.click(losses.fn, losses.inputs, losses.outputs, **ON_GPU)
-    updated = update_button.click(on_update, [algorithm, learning_rate, steps, clip, beta, ai_groups, *page.me],
+    updated = update_button.click(on_update, [algorithm, learning_rate, epochs, clip, beta, ai_groups, *page.me],
                                   [update_status], **ON_GPU)
     history = View(plots, [loss_plot, reward_plot, kl_plot])
     updated.then(history.fn, None, history.outputs, **QUICK)

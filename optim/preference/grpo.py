@@ -114,30 +114,30 @@ def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], ru
               weights: list[float] | None = None, steps: list[list[int]] | None = None, micro_batch: int = 0) -> dict:
     """The trained steps of every group through ``run_step``, and the metrics averaged over them.
 
-    ``run_step(trajectory, step, rows, advantage, weight, last)`` computes the ``GRPOStepTerms`` of
-    that step for the candidates ``rows`` (a slice) and, when training, back-propagates
+    ``run_step(group, trajectory, step, rows, advantage, weight, last)`` computes the ``GRPOStepTerms`` of
+    that step of group number ``group`` for the candidates ``rows`` (a slice) and, when training, back-propagates
     ``weight * terms.loss``; ``last`` marks the final call, where a distributed run synchronises
     gradients. The in-process update (``optim.preference.update``) and the accelerate trainer (``optim.train``)
     differ only in that function.
 
     ``weights``: one loss weight per group (default equal; updates pass ``RankedGroup.weight()``, the
     experts' levels); ``steps``: the stored steps trained per group (default: all that carry a
-    log-probability); ``micro_batch``: the most candidates per call (0: a whole group). Each group's weight is spread evenly over its trained
-    steps, and over its candidates in proportion to the micro-batch's share of them, so the weights of
+    log-probability; an update's optimizer step gives the groups outside its minibatch none); ``micro_batch``: the
+    most candidates per call (0: a whole group). Each group's weight is spread evenly over its trained steps, and over its candidates in proportion to the micro-batch's share of them, so the weights of
     the calls sum to 1 and the accumulated gradient is the whole batch's whatever the micro-batch.
     """
     steps = steps if steps is not None else [t.scored_steps() for t in trajectories]
     weights = weights if weights is not None else [1.0] * len(trajectories)
-    total = sum(weights)
+    total = sum(w for w, s in zip(weights, steps) if s)  # a group with no step to train here weighs nothing
     if not total > 0:
         raise ValueError("the groups' weights sum to zero: nothing to learn from")
-    calls = [(t, j, rows, a, w / total / len(s) * (rows.stop - rows.start) / len(a))
-             for t, a, w, s in zip(trajectories, advantages, weights, steps)
+    calls = [(g, t, j, rows, a, w / total / len(s) * (rows.stop - rows.start) / len(a))
+             for g, (t, a, w, s) in enumerate(zip(trajectories, advantages, weights, steps))
              for j in s for rows in micro_batches(len(a), micro_batch)]
     totals = dict.fromkeys(("loss", "approx_kl", "kl_to_reference", "clip_fraction"), 0.0)
     ratios = []
-    for i, (trajectory, step, rows, advantage, weight) in enumerate(calls):
-        terms = run_step(trajectory, step, rows, advantage, weight, i == len(calls) - 1)
+    for i, (group, trajectory, step, rows, advantage, weight) in enumerate(calls):
+        terms = run_step(group, trajectory, step, rows, advantage, weight, i == len(calls) - 1)
         for key, value in zip(totals, (terms.loss, terms.approx_kl, terms.kl.mean(), terms.clipped.float().mean())):
             totals[key] += value.item() * weight
         ratios.append(terms.ratio)

@@ -126,7 +126,7 @@ def main() -> None:
         groups = [room.generate(PROMPT, seed=s) for s in seeds]
         experts = route_experts(page.local_url, names, groups) if path == "route" else None
         room.rank(groups[0].id, [[c.id] for c in groups[0].survivors], expert="admin")  # something to learn from
-        updater = threading.Thread(target=admin.predict, kwargs=dict(algorithm="grpo", settings={"optimizer_steps": 8},
+        updater = threading.Thread(target=admin.predict, kwargs=dict(algorithm="grpo", settings={"epochs": 8},
                                                                      api_name="/apply_update"))
         updater.start()
         while not room.model_lock.locked():

@@ -93,10 +93,9 @@ class UpdateConfig:
     kl_budget: float = 0.05  # largest mean step-kernel KL from the previous version (updates measured 1e-3 to 2e-2)
     train_fraction: float = 0.5  # share of each chain's denoising steps trained (at least one): 10 of 20
     train_window: str = "early"  # which: "early" (the first, noisiest steps) or "random" (a fresh draw per update)
-    # The trust region's KL is measured on the first this many groups (the experts' come before AI groups):
-    # DPO's on every scored step; GRPO's on the trained steps of every group (free with the training pass)
-    # and the untrained steps of these (a forward pass each: an amplified update of 13 groups spent 190 s
-    # training, a quarter of it in those passes).
+    # The trust region watches the trained steps of every group (for GRPO free with the training pass) and the
+    # untrained steps of the first this many (the experts' come before AI groups): a forward pass each, and an
+    # amplified update of 13 groups once spent a quarter of its 190 s of training in them when all were watched.
     kl_groups: int = 8
     # Most candidates (GRPO) or pair x noise draws (DPO) per backward; 0: all at once. Each is two UNet
     # rows; on an H100 with checkpointing a row at 768 px (SD 2.1-sized, bf16) took about 0.4 GiB, so 8

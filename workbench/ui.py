@@ -317,7 +317,9 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                                       maximum=MAX_AI_GROUPS, label="AI-ranked groups to add",
                                       info="drawn for the ranked prompts and ranked by the reward model "
                                            "learned from the experts; each adds about as much training time "
-                                           "as a ranked group; 0 trains on human rankings only")
+                                           "as a ranked group, and every "
+                                           f"{room.config.update.groups_per_step} groups add an optimizer step "
+                                           "to each pass; 0 trains on human rankings only")
             update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
             update_status = gr.Markdown()
         with gr.Row():

@@ -32,7 +32,7 @@ from workbench.sampler import RejectionSampler, SamplerResult
 
 @dataclass
 class AmplifyConfig:
-    ai_groups: int = 0  # AI-ranked groups an update adds: the admin chooses per update on the Optimize tab (README: 16)
+    ai_groups: int = 0  # AI-ranked groups an update adds: the admin chooses per update on the Optimize tab (README: 4)
     ai_weight: float = 1.0  # an AI group's loss weight; an expert's ranking weighs its level, 1-3
     min_agreement: float = 0.8  # AI groups whose ensemble agreement is below this are skipped
     max_disagreeing_share: float = 0.5  # more AI groups skipped than this share: the update is refused

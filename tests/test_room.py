@@ -3,18 +3,14 @@
 import io
 import math
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pydicom
 import pytest
-import torch
 
-from optim.generators.base import blend_start
 from optim.preference.rewards import RankingError
-from optim.trajectory import Trajectory
 from workbench import ControlRoom, RoomConfig
 from tests.conftest import PROMPT
 
@@ -227,36 +223,3 @@ def test_an_update_whose_images_the_selector_refuses_more_than_the_base_is_refus
 
     monkeypatch.setattr(room.sampler.selector, "judge", judge)
     assert room.apply_update("dpo").applied  # unspoiled, the trained weights pass as the base does
-
-
-def test_blended_starts_keep_unit_variance_and_leave_fresh_rows_alone():
-    fresh = torch.ones(2, 1, 2, 2)
-    start = torch.full((1, 2, 2), 2.0)
-    blended = blend_start(fresh, [start, None], 0.6)
-    assert torch.allclose(blended[0], torch.full((1, 2, 2), 0.6 * 2.0 + 0.8 * 1.0))  # sqrt(1 - 0.36) = 0.8
-    assert torch.equal(blended[1], fresh[1])
-    wide = blend_start(torch.randn(4000, 1, 4, 4), [torch.randn(1, 4, 4) for _ in range(4000)], 0.9)
-    assert wide.std().item() == pytest.approx(1.0, abs=0.03)
-    with pytest.raises(ValueError, match="one start .* per candidate and a weight in \\[0, 1\\)"):
-        blend_start(fresh, [start], 0.5)
-
-
-def test_a_guided_group_starts_near_the_experts_best_candidate_and_its_ratio_is_exactly_one(tmp_path):
-    room = ControlRoom(workdir=tmp_path, config=replace(CONFIG, guided_starts=1, start_weight=0.6))
-    first = room.generate(PROMPT, seed=1)  # nothing ranked yet: fresh starts
-    assert "guided_starts" not in room.store.get_group(first.id)["settings"]
-    a, b, c = (s.id for s in first.survivors)
-    room.rank(first.id, [[b], [a, c]], expert="ann")
-    liked = room._ranked_group(first.id).trajectory.latents[1, 0]
-    fresh = room.policy.sample(PROMPT, n=3, seed=2, steps=4).trajectory.latents[:, 0]
-
-    guided = room.generate(PROMPT, seed=2)
-    stored = room.store.get_group(guided.id)
-    assert stored["settings"]["guided_starts"] == 1 and stored["settings"]["start_weight"] == 0.6
-    starts = [Trajectory.from_bytes(room.store.blobs.get(c["trajectory"])).latents[0, 0]
-              for c in stored["candidates"] if c["passed"]]
-    # the first draw starts at 0.6 x the liked noise + 0.8 x its own; the others start fresh
-    assert torch.allclose(starts[0], 0.6 * liked + 0.8 * fresh[0], atol=1e-6)
-    assert all(torch.equal(s, f) for s, f in zip(starts[1:], fresh[1:]))
-    room.rank(guided.id, [[s.id] for s in guided.survivors], expert="ann")
-    assert all(c["ratio"] == 1.0 for c in room.losses(guided.id)["grpo"]["candidates"])

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from data.export import ABJudgementRecord, CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
@@ -73,10 +72,6 @@ class RoomConfig:
     amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
     pass_rate_probe: int = 16  # candidates drawn on fixed seeds, over the update's prompts, to check it (0: no check)
     max_pass_rate_drop: float = 0.125  # trained weights passing the selector this much less than the base: refused
-    # Feedback-guided sampling (HERO's): a new group's first draws start near the initial noise of the best
-    # candidate of each of the prompt's last ``guided_starts`` ranked groups, at ``start_weight`` (0: off).
-    guided_starts: int = 0
-    start_weight: float = 0.5
 
 
 @dataclass
@@ -135,10 +130,8 @@ class ControlRoom:
         ``on_batch(drawn, kept, budget)`` reports progress after each batch (the page's progress bar).
         """
         c = self.config
-        starts = self._liked_starts(prompt, c.guided_starts) if c.guided_starts and c.start_weight else []
         with self.model_lock:
-            result = self.sampler.draw(prompt, seed, n, steps=c.steps, guidance=c.guidance, eta=c.eta, on_batch=on_batch,
-                                       starts=starts, start_weight=c.start_weight)
+            result = self.sampler.draw(prompt, seed, n, steps=c.steps, guidance=c.guidance, eta=c.eta, on_batch=on_batch)
             version = self.policy.version
         chains = result.trajectory
         stored = [NewCandidate(_png(k.image), True, k.seed, k.verdict.quality, k.verdict.modality_probabilities,
@@ -146,9 +139,7 @@ class ControlRoom:
         stored += [NewCandidate(_png(k.image), False, k.seed, k.verdict.quality, k.verdict.modality_probabilities,
                                 k.verdict.reasons) for k in result.rejected]
         group_id = self.store.add_group(prompt, version, [k.seed for k in result.survivors + result.rejected],
-                                        {"steps": c.steps, "guidance": c.guidance, "eta": c.eta,
-                                         **({"guided_starts": len(starts), "start_weight": c.start_weight} if starts else {})},
-                                        stored,
+                                        {"steps": c.steps, "guidance": c.guidance, "eta": c.eta}, stored,
                                         self._wanted_rankings())
         return self._room_group(self.store.get_group(group_id), result.message())
 
@@ -437,16 +428,6 @@ class ControlRoom:
         chains = Trajectory.join([Trajectory.from_bytes(self.store.blobs.get(c["trajectory"])) for c in survivors])
         rankings = [(r["tiers"], r["level"]) for r in self.store.rankings(group_id) if not r["skipped"]]
         return RankedGroup(group_id, [c["id"] for c in survivors], chains, rankings)
-
-    def _liked_starts(self, prompt: str, count: int) -> list[torch.Tensor]:
-        """The initial noise of the experts' best candidate in each of the last ``count`` ranked groups of ``prompt``."""
-        ranked = [g for g in self.store.groups_with_rankings() if g["prompt"] == prompt][-count:]
-        starts = []
-        for group in ranked:
-            best = int(self._ranked_group(group["id"]).rewards().argmax())
-            chain = Trajectory.from_bytes(self.store.blobs.get(group["passed_candidates"][best]["trajectory"]))
-            starts.append(chain.latents[0, 0] / getattr(self.policy.scheduler, "init_noise_sigma", 1.0))
-        return starts
 
     def _room_group(self, group: dict, message: str) -> RoomGroup:
         def candidate(c: dict) -> RoomCandidate:

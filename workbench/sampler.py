@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from PIL import Image
 
 from optim.policy import Policy, candidate_seeds
@@ -86,12 +85,8 @@ class RejectionSampler:
         guidance: float = 5.0,
         eta: float = 1.0,
         on_batch: Callable[[int, int, int], None] | None = None,
-        starts: list[torch.Tensor] = (),
-        start_weight: float = 0.0,
     ) -> SamplerResult:
         """Draw until ``survivors`` (default ``config.survivors``) candidates pass or the budget is spent.
-
-        ``starts``: initial noises that the first draws start near (``Generator.sample``), one each.
 
         ``on_batch(drawn, kept, budget)`` is called after each batch: the page's progress bar.
         """
@@ -107,9 +102,7 @@ class RejectionSampler:
         whole_batch = False
         while len(kept) < wanted and drawn < budget:
             batch_seeds = seeds[drawn : drawn + min(self.config.batch_size, budget - drawn)]
-            guided = list(starts[drawn : drawn + len(batch_seeds)])
-            samples = self.policy.sample(prompt, seeds=batch_seeds, steps=steps, guidance=guidance, eta=eta,
-                                         starts=guided + [None] * (len(batch_seeds) - len(guided)), start_weight=start_weight)
+            samples = self.policy.sample(prompt, seeds=batch_seeds, steps=steps, guidance=guidance, eta=eta)
             verdicts = self.selector.judge(samples.images, prompt=prompt)
             keep_rows = []
             for row, (image, verdict) in enumerate(zip(samples.images, verdicts)):

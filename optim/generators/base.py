@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,21 +91,6 @@ def quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-
-
-def blend_start(fresh: torch.Tensor, starts: list[torch.Tensor | None] | None, weight: float) -> torch.Tensor:
-    """``weight * start + sqrt(1 - weight^2) * fresh`` for the rows that have a start, ``fresh`` for the others.
-
-    Two independent standard normal draws blend into a standard normal one, so a guided start is as
-    likely under the model's prior as a fresh one, and ``weight`` says how close to the liked start it is.
-    """
-    if not starts or weight == 0:
-        return fresh
-    if not 0 <= weight < 1 or len(starts) != len(fresh):
-        raise ValueError(f"need one start (or None) per candidate and a weight in [0, 1), got {len(starts)} for "
-                         f"{len(fresh)} candidates and weight {weight}")
-    keep = math.sqrt(1 - weight**2)
-    return torch.stack([f if s is None else weight * s.to(f) + keep * f for f, s in zip(fresh, starts)])
 
 
 class Generator(LoraAdapters):
@@ -211,16 +195,8 @@ class Generator(LoraAdapters):
         guidance: float = 5.0,
         eta: float = 1.0,
         seeds: list[int] | None = None,
-        starts: list[torch.Tensor | None] | None = None,
-        start_weight: float = 0.0,
     ) -> Samples:
-        """Draw ``n`` candidates for ``prompt`` in one batched run, recording their trajectories.
-
-        ``starts`` (feedback-guided sampling, HERO's): per candidate, an initial latent noise to start near
-        (None: a fresh start), blended with the candidate's own (``blend_start``). Only the start moves: the
-        recorded chain begins at the blended latent, and every step's log-probability is that of the step
-        kernel from there, as for any start.
-        """
+        """Draw ``n`` candidates for ``prompt`` in one batched run, recording their trajectories."""
         if not prompt or not prompt.strip():
             raise ValueError("prompt is empty: describe the image to generate, e.g. 'CT: axial slice of the abdomen'")
         seeds = list(seeds) if seeds is not None else candidate_seeds(seed, n)
@@ -235,7 +211,7 @@ class Generator(LoraAdapters):
         def noise() -> torch.Tensor:  # one draw per candidate, from that candidate's own generator
             return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
 
-        latents = blend_start(noise(), starts, start_weight) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        latents = noise() * getattr(self.scheduler, "init_noise_sigma", 1.0)
         chain, log_probs = [latents], []
         for j in range(len(chains.timesteps)):
             latents, log_prob, _, std = self.step(chains, j, latents, noise=noise())

@@ -23,7 +23,7 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 4] [--groups 30] [--guided-starts 2 --start-weight 0.5] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
+        [--ai-groups 0 24] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
 """
 
 import argparse
@@ -44,7 +44,7 @@ from data.phantoms import all_prompts  # noqa: E402
 from data.simulated_experts import EXPERTS, grey_levels  # noqa: E402
 from optim.preference.groups import RankedGroup  # noqa: E402
 from optim.preference.update import kl_between, step_kernels  # noqa: E402
-from workbench.room import ControlRoom, RoomConfig  # noqa: E402
+from workbench.room import ControlRoom  # noqa: E402
 
 EVAL_SEED = 10_000
 # The update's stages, by the first words of the room's progress messages.
@@ -82,8 +82,7 @@ def diversity(greys: list[list[np.ndarray]]) -> float:
 
 def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
     expert = EXPERTS[expert_name]
-    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"),
-                       config=RoomConfig(guided_starts=args.guided_starts, start_weight=args.start_weight))
+    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"))
     config = room.config.update
     for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
         part, _, name = key.rpartition(".")
@@ -134,8 +133,6 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "reward_model_accuracy": metrics.get("reward_model", {}).get("heldout_accuracy"),
         "seconds_per_update": float(np.mean(update_times)),
         "settings": args.settings,
-        "guided_starts": args.guided_starts,
-        "start_weight": args.start_weight,
     }
 
 
@@ -154,15 +151,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "dpo"])
-    parser.add_argument("--ai-groups", nargs="+", type=int, default=[0, 4], help="AI-ranked groups per update")
+    parser.add_argument("--ai-groups", nargs="+", type=int, default=[0, 24], help="AI-ranked groups per update")
     parser.add_argument("--groups", type=int, default=30)
     parser.add_argument("--groups-per-update", type=int, default=5)
     parser.add_argument("--eval", type=int, default=64)
     parser.add_argument("--set", nargs="*", default=[], type=setting, dest="settings",
                         help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2 (default: the room's)")
-    parser.add_argument("--guided-starts", type=int, default=0,
-                        help="feedback-guided sampling: draws starting near the prompt's liked candidates (RoomConfig)")
-    parser.add_argument("--start-weight", type=float, default=RoomConfig.start_weight)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     args.settings = dict(args.settings)

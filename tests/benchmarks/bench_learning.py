@@ -23,7 +23,7 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 24] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
+        [--ai-groups 0 4] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
 """
 
 import argparse
@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=list(EXPERTS))
     parser.add_argument("--algorithms", nargs="+", default=["grpo", "dpo"])
-    parser.add_argument("--ai-groups", nargs="+", type=int, default=[0, 24], help="AI-ranked groups per update")
+    parser.add_argument("--ai-groups", nargs="+", type=int, default=[0, 4], help="AI-ranked groups per update")
     parser.add_argument("--groups", type=int, default=30)
     parser.add_argument("--groups-per-update", type=int, default=5)
     parser.add_argument("--eval", type=int, default=64)

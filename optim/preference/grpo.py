@@ -122,9 +122,11 @@ def grpo_pass(trajectories: list[Trajectory], advantages: list[torch.Tensor], ru
 
     ``weights``: one loss weight per group (default equal; updates pass ``RankedGroup.weight()``, the
     experts' levels); ``steps``: the stored steps trained per group (default: all that carry a
-    log-probability; an update's optimizer step gives the groups outside its minibatch none); ``micro_batch``: the
-    most candidates per call (0: a whole group). Each group's weight is spread evenly over its trained steps, and over its candidates in proportion to the micro-batch's share of them, so the weights of
-    the calls sum to 1 and the accumulated gradient is the whole batch's whatever the micro-batch.
+    log-probability; an update's optimizer step gives the groups outside its minibatch none);
+    ``micro_batch``: the most candidates per call (0: a whole group). Each group's weight is spread evenly
+    over its trained steps, and over its candidates in proportion to the micro-batch's share of them, so
+    the weights of the calls sum to 1 and the accumulated gradient is the whole batch's whatever the
+    micro-batch.
     """
     steps = steps if steps is not None else [t.scored_steps() for t in trajectories]
     weights = weights if weights is not None else [1.0] * len(trajectories)

@@ -80,6 +80,7 @@ from optim.versions import Version, VersionStore
 
 ALGORITHMS = ("grpo", "dpo")
 FP16_LOSS_SCALE = 2.0**16  # torch.amp.GradScaler's initial scale
+NO_PAIRS = "no ranked pairs to learn from: every ranking is a single tier of ties"
 
 
 @dataclass
@@ -199,7 +200,7 @@ def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, Co
             embeds.append(group.trajectory.condition())
             weights.append(weight)
     if not winners:
-        raise UpdateRefused("no ranked pairs to learn from: every ranking is a single tier of ties")
+        raise UpdateRefused(NO_PAIRS)
     return torch.stack(winners), torch.stack(losers), Condition.cat(embeds), torch.tensor(weights)
 
 
@@ -307,10 +308,10 @@ def apply_update(policy: Policy, store: VersionStore, groups: list[RankedGroup],
     last_good, kl_good, taken = previous, 0.0, 0  # the last weights known to be within the budget
     try:
         if not batches:
-            raise UpdateRefused("no ranked pairs to learn from: every ranking is a single tier of ties")
+            raise UpdateRefused(NO_PAIRS)
         # The previous version's kernels: the first step's groups' come with that step, the others' take a pass now.
-        before = step_kernels(policy, groups, [w if i not in batches[0] else [] for i, w in enumerate(watched)],
-                              config.micro_batch)
+        others = [i for i in range(len(groups)) if i not in batches[0]]
+        before = step_kernels(policy, groups, only(watched, others), config.micro_batch)
         with policy.training():  # gradient checkpointing on a GPU
             for k, batch in enumerate(batches):
                 optimizer.zero_grad(set_to_none=True)

@@ -20,12 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
-
-def grey_levels(image) -> np.ndarray:
-    """The image as grey levels in [0, 1] (float32)."""
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+from data.diversity import grey_levels
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from data.diversity import grey_levels
 from data.phantoms import all_prompts
-from data.simulated_experts import EXPERTS, grey_levels
+from data.simulated_experts import EXPERTS
 from data.store import Store
 from workbench import ControlRoom, RoomConfig
 from workbench.ai_feedback import AmplifyConfig

@@ -223,3 +223,36 @@ def test_an_update_whose_images_the_selector_refuses_more_than_the_base_is_refus
 
     monkeypatch.setattr(room.sampler.selector, "judge", judge)
     assert room.apply_update("dpo").applied  # unspoiled, the trained weights pass as the base does
+
+
+def test_an_update_that_makes_the_candidates_of_a_prompt_alike_is_refused(tmp_path, monkeypatch):
+    """The collapse guard: on the same fixed seeds, the trained weights' candidates of a prompt may not differ
+    from one another more than ``max_diversity_drop`` less than the base model's; the figures are kept."""
+    from dataclasses import replace
+
+    import workbench.room
+
+    room = ControlRoom(workdir=tmp_path, config=replace(CONFIG, pass_rate_probe=6, max_diversity_drop=0.2))
+    for k, prompt in enumerate([PROMPT, "MRI: axial slice of the brain"]):
+        group = room.generate(prompt, seed=k)
+        room.rank(group.id, [[c.id] for c in group.survivors], expert="ann")
+    real_grey_levels, seen = workbench.room.grey_levels, []
+
+    def alike_once_trained(image):  # the base's 6 probe candidates as drawn; the trained weights' all one image
+        seen.append(image)
+        return real_grey_levels(image) if len(seen) <= 6 else real_grey_levels(seen[0])
+
+    monkeypatch.setattr(workbench.room, "grey_levels", alike_once_trained)
+    result = room.apply_update("dpo")
+    assert not result.applied and room.policy.version == "v0"
+    assert result.message == ("update refused: the candidates of a prompt on fixed seeds differ 100% less from one another "
+                              "than the base model's (more than 20% less): the update would make the images alike; "
+                              "v0 stays current")
+    assert len(room.store.unused_ranked_groups()) == 2
+
+    monkeypatch.setattr(workbench.room, "grey_levels", real_grey_levels)
+    result = room.apply_update("dpo")
+    probe = result.metrics["probe"]
+    assert result.applied and probe["candidates"] == 6 and probe["pass_rate_base"] == 1.0
+    assert probe["diversity_base"] > 0 and abs(probe["diversity_trained"] / probe["diversity_base"] - 1) < 0.2
+    assert room.version_store.get(result.version.id).metrics["probe"] == probe  # saved with the version

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from data.diversity import diversity, grey_levels
 from data.export import ABJudgementRecord, CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
 from data.images import read_image, to_display, unit_to_pil
 from data.modalities import modality_of_prompt
@@ -72,6 +74,7 @@ class RoomConfig:
     amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
     pass_rate_probe: int = 16  # candidates drawn on fixed seeds, over the update's prompts, to check it (0: no check)
     max_pass_rate_drop: float = 0.125  # trained weights passing the selector this much less than the base: refused
+    max_diversity_drop: float = 0.2  # trained weights whose probe candidates vary this share less than the base's: refused
 
 
 @dataclass
@@ -111,7 +114,8 @@ class ControlRoom:
         self.sampler = RejectionSampler(self.policy, judge, SamplerConfig(
             self.config.survivors, self.config.batch_size, self.config.max_draws))
         self.model_lock = threading.Lock()
-        self._base_probe: dict[tuple[str, int, int], list[bool]] = {}  # the base model's verdicts never change
+        # The base model's verdicts and grey images on the probe's seeds never change: drawn once each.
+        self._base_probe: dict[tuple[str, int, int], tuple[list[bool], list[np.ndarray]]] = {}
         self.imports = self.workdir / "imports"  # ratings zips unpack here; emptied at each start (a kill leaves files)
         shutil.rmtree(self.imports, ignore_errors=True)
         self.imports.mkdir()
@@ -198,7 +202,7 @@ class ControlRoom:
             except AmplificationRefused as refusal:
                 result = UpdateResult(False, None, extra, f"update refused: {refusal}; {self.policy.version} stays current")
             else:
-                accept = self._pass_rate_check(groups, progress)
+                accept = self._probe_check(groups, progress, extra)
                 progress(0.4, f"training: {algorithm.upper()} on {len(groups)} groups")
                 result = apply_update(self.policy, self.version_store, groups, config, extra_metrics=extra, accept=accept,
                                       on_step=lambda done, total: progress(0.4 + 0.55 * done / total,
@@ -375,10 +379,12 @@ class ControlRoom:
         ids = [c["id"] for c in self.store.get_group(group_id)["candidates"]]
         return RankedGroup(group_id, ids, result.trajectory, ai=AIRanking(drawn.scores, drawn.agreement, weight))
 
-    def _pass_rate_check(self, groups: list[RankedGroup], progress: Callable[[float, str], None]):
-        """A check for ``apply_update`` (a reward-hacking guard): on ``pass_rate_probe`` fixed seeds spread over
-        the update's prompts (up to 8), the trained weights' selector pass rate may not fall more than
-        ``max_pass_rate_drop`` below the base model's (adapters off).
+    def _probe_check(self, groups: list[RankedGroup], progress: Callable[[float, str], None], metrics: dict):
+        """A check for ``apply_update`` (the reward-hacking guards): on ``pass_rate_probe`` fixed seeds spread
+        over the update's prompts (up to 8), the trained weights' candidates are compared with the base model's
+        (adapters off). Refused when the selector passes more than ``max_pass_rate_drop`` fewer of them, or when
+        they vary more than ``max_diversity_drop`` less from one another (``data.diversity``: the images of a
+        prompt growing alike). The four figures go into ``metrics["probe"]``.
 
         Against the base, not the current version: a run of updates that each spoil a little is caught
         when the sum crosses the bar (a brightness expert's GRPO run once lost every CT candidate in four
@@ -390,9 +396,9 @@ class ControlRoom:
         prompts = list(dict.fromkeys(g.trajectory.prompt for g in groups))[:8]
         shares = [count // len(prompts) + (k < count % len(prompts)) for k in range(len(prompts))]
 
-        def verdicts(prompt: str, n: int, seed: int) -> list[bool]:
+        def draw(prompt: str, n: int, seed: int) -> tuple[list[bool], list[np.ndarray]]:
             images = self.policy.sample(prompt, n=n, seed=seed, **self._sampling()).images
-            return [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)]
+            return [v.passed for v in self.sampler.selector.judge(images, prompt=prompt)], [grey_levels(im) for im in images]
 
         probes = [(prompt, n, PROBE_SEED + k) for k, (prompt, n) in enumerate(zip(prompts, shares)) if n]
         if any(probe not in self._base_probe for probe in probes):
@@ -400,18 +406,26 @@ class ControlRoom:
         with self.policy.reference():  # drawn once per probe: the base model, seeds and selector stay the same
             for probe in probes:
                 if probe not in self._base_probe:
-                    self._base_probe[probe] = verdicts(*probe)
-        base_passed = [p for probe in probes for p in self._base_probe[probe]]
-        base = sum(base_passed) / len(base_passed)
+                    self._base_probe[probe] = draw(*probe)
+        base = [self._base_probe[probe] for probe in probes]
 
         def accept() -> str | None:
-            progress(0.95, "checking the selector's pass rate of the trained weights")
-            passed = [p for probe in probes for p in verdicts(*probe)]
-            after = sum(passed) / len(passed)
-            if base - after > self.config.max_pass_rate_drop:
-                return (f"the selector passes {after:.0%} of {count} candidates on fixed seeds where the base model "
-                        f"passes {base:.0%} (more than {self.config.max_pass_rate_drop:.0%} fewer): the update would "
-                        "spoil the images")
+            progress(0.95, "checking the trained weights' pass rate and variety on fixed seeds")
+            after = [draw(*probe) for probe in probes]
+            figures = {"candidates": count}
+            for name, drawn in (("base", base), ("trained", after)):
+                passed = [p for verdicts, _ in drawn for p in verdicts]
+                figures[f"pass_rate_{name}"] = sum(passed) / len(passed)
+                figures[f"diversity_{name}"] = diversity([greys for _, greys in drawn])
+            metrics["probe"] = figures
+            if figures["pass_rate_base"] - figures["pass_rate_trained"] > self.config.max_pass_rate_drop:
+                return (f"the selector passes {figures['pass_rate_trained']:.0%} of {count} candidates on fixed seeds where "
+                        f"the base model passes {figures['pass_rate_base']:.0%} (more than "
+                        f"{self.config.max_pass_rate_drop:.0%} fewer): the update would spoil the images")
+            drop = 1 - figures["diversity_trained"] / figures["diversity_base"]
+            if drop > self.config.max_diversity_drop:  # nan (no prompt with two candidates) never refuses
+                return (f"the candidates of a prompt on fixed seeds differ {drop:.0%} less from one another than the base "
+                        f"model's (more than {self.config.max_diversity_drop:.0%} less): the update would make the images alike")
             return None
 
         return accept

@@ -362,8 +362,14 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
         judged = ("" if accuracy is None else
                   f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs ordered as the experts did "
                   f"(each by a fit that did not see its group; {model['folds']}-fold cross-validation).")
-        return (f"**{result.version.id}** is now current: {result.message}{judged}" if result.applied
-                else f"**Refused.** {result.message}{judged}")
+        probe = result.metrics.get("probe")
+        checked = ("" if probe is None else
+                   f"\n\nOn {probe['candidates']} fixed seeds against the base model: the selector passes "
+                   f"{probe['pass_rate_trained']:.0%} (base {probe['pass_rate_base']:.0%}); the candidates of a prompt "
+                   f"differ {probe['diversity_trained']:.3f} from one another (base {probe['diversity_base']:.3f}, "
+                   f"{probe['diversity_trained'] / probe['diversity_base'] - 1:+.0%}).")
+        return (f"**{result.version.id}** is now current: {result.message}{judged}{checked}" if result.applied
+                else f"**Refused.** {result.message}{judged}{checked}")
 
     def plots():
         rows = room.history()

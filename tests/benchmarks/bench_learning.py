@@ -23,7 +23,7 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 4] [--groups 30] [--eval 64] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
+        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
 """
 
 import argparse
@@ -40,11 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from data.diversity import diversity, grey_levels  # noqa: E402
 from data.phantoms import all_prompts  # noqa: E402
-from data.simulated_experts import EXPERTS, grey_levels  # noqa: E402
+from data.simulated_experts import EXPERTS  # noqa: E402
 from optim.preference.groups import RankedGroup  # noqa: E402
 from optim.preference.update import kl_between, step_kernels  # noqa: E402
-from workbench.room import ControlRoom  # noqa: E402
+from workbench.room import ControlRoom, RoomConfig  # noqa: E402
 
 EVAL_SEED = 10_000
 # The update's stages, by the first words of the room's progress messages.
@@ -75,14 +76,9 @@ def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
     return np.array(scores), np.array(passed), greys, chains
 
 
-def diversity(greys: list[list[np.ndarray]]) -> float:
-    """Mean pairwise RMS distance between the grey images drawn for one prompt, over the prompts."""
-    return float(np.mean([np.sqrt(np.mean((a - b) ** 2)) for group in greys for a, b in itertools.combinations(group, 2)]))
-
-
 def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
     expert = EXPERTS[expert_name]
-    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"))
+    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=RoomConfig(steps=args.steps))
     config = room.config.update
     for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
         part, _, name = key.rpartition(".")
@@ -133,6 +129,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "reward_model_accuracy": metrics.get("reward_model", {}).get("heldout_accuracy"),
         "seconds_per_update": float(np.mean(update_times)),
         "settings": args.settings,
+        "steps": args.steps,
     }
 
 
@@ -155,6 +152,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=30)
     parser.add_argument("--groups-per-update", type=int, default=5)
     parser.add_argument("--eval", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=RoomConfig.steps,
+                        help="the room's sampling steps: the groups experts rank, the AI groups and the evaluation")
     parser.add_argument("--set", nargs="*", default=[], type=setting, dest="settings",
                         help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2 (default: the room's)")
     parser.add_argument("--json", default=None, help="also write the results here")

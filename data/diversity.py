@@ -1,0 +1,27 @@
+"""How much a prompt's images differ from one another: the variety an expert loses when a generator collapses.
+
+Preference optimisation can buy its reward with variety (every candidate of a prompt drifting toward the
+same image), which an expert sees at once and no win-rate shows. The measure is the mean pairwise RMS
+distance between the grey levels (in [0, 1]) of the images drawn for one prompt, over every pair of every
+prompt. The learning benchmark reports it, base -> final, and the control room refuses an update whose
+candidates on fixed seeds lose too much of it (``workbench.room.RoomConfig.max_diversity_drop``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+
+def grey_levels(image) -> np.ndarray:
+    """The image as grey levels in [0, 1] (float32)."""
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def diversity(groups: Sequence[Sequence[np.ndarray]]) -> float:
+    """Mean pairwise RMS distance between the grey images of each group (one prompt's images), over all pairs;
+    groups of one image have no pair and add nothing. ``nan`` when no group has two images."""
+    distances = [np.sqrt(np.mean((a - b) ** 2)) for group in groups for a, b in itertools.combinations(group, 2)]
+    return float(np.mean(distances)) if distances else float("nan")

@@ -402,7 +402,7 @@ class ControlRoom:
 
         probes = [(prompt, n, PROBE_SEED + k) for k, (prompt, n) in enumerate(zip(prompts, shares)) if n]
         if any(probe not in self._base_probe for probe in probes):
-            progress(0.4, "the base model's selector pass rate on fixed seeds (once per prompt)")
+            progress(0.4, "the base model's candidates on fixed seeds, for the checks (once per prompt)")
         with self.policy.reference():  # drawn once per probe: the base model, seeds and selector stay the same
             for probe in probes:
                 if probe not in self._base_probe:

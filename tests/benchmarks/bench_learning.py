@@ -49,8 +49,8 @@ from workbench.room import ControlRoom, RoomConfig  # noqa: E402
 
 EVAL_SEED = 10_000
 # The update's stages, by the first words of the room's progress messages.
-STAGES = {"fitting": "reward model", "drawing": "AI groups", "AI-ranked": "AI groups", "the base": "base pass rate",
-          "training": "training", "optimizer": "training", "checking": "pass-rate check"}
+STAGES = {"fitting": "reward model", "drawing": "AI groups", "AI-ranked": "AI groups", "the base": "base probe",
+          "training": "training", "optimizer": "training", "checking": "probe check"}
 
 
 def stage_seconds(marks: list[tuple[float, str]], end: float) -> dict[str, float]:

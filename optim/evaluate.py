@@ -102,9 +102,9 @@ def classifier_accuracy(classifier: PhantomClassifier, n: int = 400) -> dict:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, classifier: PhantomClassifier, per_modality: int = 20, seed: int = 0):
+def evaluate(policy: Policy, classifier: PhantomClassifier, per_modality: int = 20, seed: int = 0, steps: int = 20):
     rows = evaluation_prompts(per_modality)
-    images = [policy.sample(prompt, n=1, seed=seed + i).images[0] for i, (prompt, _, _) in enumerate(rows)]
+    images = [policy.sample(prompt, n=1, seed=seed + i, steps=steps).images[0] for i, (prompt, _, _) in enumerate(rows)]
     modality_logits, finding_logit = classifier(to_gray_tensor(images))
     predicted = [MODALITIES[i] for i in modality_logits.argmax(1).tolist()]
     seen = (finding_logit > 0).tolist()
@@ -136,12 +136,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate the default generator against its quality bar.")
     parser.add_argument("--model", default=None)
     parser.add_argument("--per-modality", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (the control room's --steps)")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--grid", default=None, help="write a PNG grid of the samples here")
     args = parser.parse_args(argv)
     classifier = train_classifier()
     policy = Policy.load(args.model)
-    report, images, _ = evaluate(policy, classifier, args.per_modality)
+    report, images, _ = evaluate(policy, classifier, args.per_modality, steps=args.steps)
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -25,3 +25,14 @@ def test_grey_levels_are_the_luminance_in_unit_range():
     image = Image.fromarray(np.array([[0, 255], [51, 102]], dtype=np.uint8))
     assert np.allclose(grey_levels(image), [[0.0, 1.0], [0.2, 0.4]])
     assert grey_levels(Image.new("RGB", (1, 1), (255, 255, 255)))[0, 0] == 1.0
+
+
+def test_the_optimize_tab_states_the_probe_against_the_base():
+    from workbench.ui import probe_text
+
+    probe = {"candidates": 16, "pass_rate_base": 1.0, "pass_rate_trained": 0.9375, "diversity_base": 0.08,
+             "diversity_trained": 0.07}
+    assert probe_text(probe) == ("\n\nOn 16 fixed seeds against the base model: the selector passes 94% (base 100%); the "
+                                 "candidates of a prompt differ 0.070 from one another (base 0.080, -12%).")
+    assert probe_text({**probe, "diversity_base": None, "diversity_trained": None}).endswith("passes 94% (base 100%).")
+    assert probe_text(None) == ""

@@ -246,8 +246,8 @@ def test_an_update_that_makes_the_candidates_of_a_prompt_alike_is_refused(tmp_pa
     result = room.apply_update("dpo")
     assert not result.applied and room.policy.version == "v0"
     assert result.message == ("update refused: the candidates of a prompt on fixed seeds differ 100% less from one another "
-                              "than the base model's (more than 20% less): the update would make the images alike; "
-                              "v0 stays current")
+                              "than the base model's (more than 20% less): the update would make the images alike (a lower "
+                              "learning rate or fewer passes moves them less); v0 stays current")
     assert len(room.store.unused_ranked_groups()) == 2
 
     monkeypatch.setattr(workbench.room, "grey_levels", real_grey_levels)

@@ -416,16 +416,19 @@ class ControlRoom:
             for name, drawn in (("base", base), ("trained", after)):
                 passed = [p for verdicts, _ in drawn for p in verdicts]
                 figures[f"pass_rate_{name}"] = sum(passed) / len(passed)
-                figures[f"diversity_{name}"] = diversity([greys for _, greys in drawn])
+                variety = diversity([greys for _, greys in drawn])  # nan when no prompt has two candidates
+                figures[f"diversity_{name}"] = None if math.isnan(variety) else variety
             metrics["probe"] = figures
             if figures["pass_rate_base"] - figures["pass_rate_trained"] > self.config.max_pass_rate_drop:
                 return (f"the selector passes {figures['pass_rate_trained']:.0%} of {count} candidates on fixed seeds where "
                         f"the base model passes {figures['pass_rate_base']:.0%} (more than "
                         f"{self.config.max_pass_rate_drop:.0%} fewer): the update would spoil the images")
-            drop = 1 - figures["diversity_trained"] / figures["diversity_base"]
-            if drop > self.config.max_diversity_drop:  # nan (no prompt with two candidates) never refuses
+            base_diversity = figures["diversity_base"]
+            drop = 1 - figures["diversity_trained"] / base_diversity if base_diversity else 0.0  # None: nothing to compare
+            if drop > self.config.max_diversity_drop:
                 return (f"the candidates of a prompt on fixed seeds differ {drop:.0%} less from one another than the base "
-                        f"model's (more than {self.config.max_diversity_drop:.0%} less): the update would make the images alike")
+                        f"model's (more than {self.config.max_diversity_drop:.0%} less): the update would make the images alike "
+                        "(a lower learning rate or fewer passes moves them less)")
             return None
 
         return accept

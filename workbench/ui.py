@@ -362,12 +362,7 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
         judged = ("" if accuracy is None else
                   f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs ordered as the experts did "
                   f"(each by a fit that did not see its group; {model['folds']}-fold cross-validation).")
-        probe = result.metrics.get("probe")
-        checked = ("" if probe is None else
-                   f"\n\nOn {probe['candidates']} fixed seeds against the base model: the selector passes "
-                   f"{probe['pass_rate_trained']:.0%} (base {probe['pass_rate_base']:.0%}); the candidates of a prompt "
-                   f"differ {probe['diversity_trained']:.3f} from one another (base {probe['diversity_base']:.3f}, "
-                   f"{probe['diversity_trained'] / probe['diversity_base'] - 1:+.0%}).")
+        checked = probe_text(result.metrics.get("probe"))
         return (f"**{result.version.id}** is now current: {result.message}{judged}{checked}" if result.applied
                 else f"**Refused.** {result.message}{judged}{checked}")
 
@@ -616,6 +611,20 @@ def experts_tab(page: Page) -> None:
 def _shown(value: float) -> float:
     """Four significant digits for a table: small KLs stay visible, long tails go."""
     return float(f"{value:.4g}")
+
+
+def probe_text(probe: dict | None) -> str:
+    """An update's fixed-seed checks against the base model (``ControlRoom``'s probe), as a paragraph for the
+    Optimize tab; empty when the room ran none."""
+    if probe is None:
+        return ""
+    text = (f"On {probe['candidates']} fixed seeds against the base model: the selector passes "
+            f"{probe['pass_rate_trained']:.0%} (base {probe['pass_rate_base']:.0%})")
+    if probe["diversity_base"]:
+        change = probe["diversity_trained"] / probe["diversity_base"] - 1
+        text += (f"; the candidates of a prompt differ {probe['diversity_trained']:.3f} from one another "
+                 f"(base {probe['diversity_base']:.3f}, {change:+.0%})")
+    return f"\n\n{text}."
 
 
 def _drawing(progress: gr.Progress):

@@ -74,7 +74,10 @@ class RoomConfig:
     amplify: AmplifyConfig = field(default_factory=AmplifyConfig)
     pass_rate_probe: int = 16  # candidates drawn on fixed seeds, over the update's prompts, to check it (0: no check)
     max_pass_rate_drop: float = 0.125  # trained weights passing the selector this much less than the base: refused
-    max_diversity_drop: float = 0.2  # trained weights whose probe candidates vary this share less than the base's: refused
+    # Trained weights whose probe candidates vary this share less than the base's are refused; None: reported only.
+    # Off by default, measured: at 0.2 the 16-candidate probe read 28-29% where 64 evaluation samples read 8-17%,
+    # refused updates that were fine, and the groups that piled up made worse ones (README, "collapse guard").
+    max_diversity_drop: float | None = None
 
 
 @dataclass
@@ -382,9 +385,9 @@ class ControlRoom:
     def _probe_check(self, groups: list[RankedGroup], progress: Callable[[float, str], None], metrics: dict):
         """A check for ``apply_update`` (the reward-hacking guards): on ``pass_rate_probe`` fixed seeds spread
         over the update's prompts (up to 8), the trained weights' candidates are compared with the base model's
-        (adapters off). Refused when the selector passes more than ``max_pass_rate_drop`` fewer of them, or when
-        they vary more than ``max_diversity_drop`` less from one another (``data.diversity``: the images of a
-        prompt growing alike). The four figures go into ``metrics["probe"]``.
+        (adapters off). Refused when the selector passes more than ``max_pass_rate_drop`` fewer of them, or, when
+        ``max_diversity_drop`` is set, when they vary that much less from one another (``data.diversity``: the
+        images of a prompt growing alike). The four figures go into ``metrics["probe"]`` either way.
 
         Against the base, not the current version: a run of updates that each spoil a little is caught
         when the sum crosses the bar (a brightness expert's GRPO run once lost every CT candidate in four
@@ -425,7 +428,7 @@ class ControlRoom:
                         f"{self.config.max_pass_rate_drop:.0%} fewer): the update would spoil the images")
             base_diversity = figures["diversity_base"]
             drop = 1 - figures["diversity_trained"] / base_diversity if base_diversity else 0.0  # None: nothing to compare
-            if drop > self.config.max_diversity_drop:
+            if self.config.max_diversity_drop is not None and drop > self.config.max_diversity_drop:
                 return (f"the candidates of a prompt on fixed seeds differ {drop:.0%} less from one another than the base "
                         f"model's (more than {self.config.max_diversity_drop:.0%} less): the update would make the images alike "
                         "(a lower learning rate or fewer passes moves them less)")

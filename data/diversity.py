@@ -3,8 +3,9 @@
 Preference optimisation can buy its reward with variety (every candidate of a prompt drifting toward the
 same image), which an expert sees at once and no win-rate shows. The measure is the mean pairwise RMS
 distance between the grey levels (in [0, 1]) of the images drawn for one prompt, over every pair of every
-prompt. The learning benchmark reports it, base -> final, and the control room refuses an update whose
-candidates on fixed seeds lose too much of it (``workbench.room.RoomConfig.max_diversity_drop``).
+prompt. The learning benchmark reports it, base -> final; the control room reports it for every update on
+its fixed-seed probe, and refuses an update whose probe loses too much of it when the admin sets
+``workbench.room.RoomConfig.max_diversity_drop`` (off by default: the README says why).
 """
 
 from __future__ import annotations

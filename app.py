@@ -39,6 +39,9 @@ def main(argv=None) -> int:
                         help="denoising steps of every group the room draws (ranking, training, /sample, A/B; default "
                              "20), stochastic DDIM steps for Stable Diffusion / SDXL and flow SDE steps for SD 3 / FLUX: "
                              "fewer sample and train faster, where the model's images hold up at N")
+    parser.add_argument("--collapse-guard", type=float, default=None, metavar="FRACTION",
+                        help="refuse an update whose candidates on fixed seeds differ this share less from one another "
+                             "than the base model's, e.g. 0.3 (default: off; the variety is reported either way)")
     parser.add_argument("--noise-level", type=float, default=None, metavar="A",
                         help="SD 3 / FLUX only: the noise level of the Flow-GRPO SDE the room samples with, in (0, 1] "
                              "(default 0.7)")
@@ -54,6 +57,10 @@ def main(argv=None) -> int:
     if args.steps is not None and not 1 <= args.steps <= 1000:
         print(f"error: --steps must be between 1 and 1000, got {args.steps}", file=sys.stderr)
         return 2
+    if args.collapse_guard is not None and not 0 < args.collapse_guard < 1:
+        print(f"error: --collapse-guard is the share of variety an update may lose, between 0 and 1 (e.g. 0.3), "
+              f"got {args.collapse_guard}", file=sys.stderr)
+        return 2
     if args.noise_level is not None:
         try:
             check_noise_level(args.noise_level)
@@ -68,7 +75,9 @@ def main(argv=None) -> int:
 
     try:
         users = None if args.auth is None else Users(args.auth)
-        config = RoomConfig() if args.steps is None else RoomConfig(steps=args.steps)
+        config = RoomConfig(max_diversity_drop=args.collapse_guard)
+        if args.steps is not None:
+            config.steps = args.steps
         room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
                            auto_register=users is None, dtype=args.dtype, lora=args.lora, config=config,
                            noise_level=args.noise_level)

@@ -194,7 +194,7 @@ def test_a_room_exports_prompts_whose_prefix_is_no_modality_name_so_that_they_im
     assert (report["imported"], report["rejected_rows"], report["errors"]) == (3, 0, [])
 
 
-def test_app_passes_selector_gates_and_steps_to_the_room_and_refuses_bad_ones_in_one_line(monkeypatch, capsys, tmp_path):
+def test_app_passes_selector_gates_steps_and_the_collapse_guard_to_the_room_and_refuses_bad_ones_in_one_line(monkeypatch, capsys, tmp_path):
     import app
 
     assert app.main(["--workdir", str(tmp_path), "--selector", str(tmp_path / "nope")]) == 2  # before any model loads
@@ -206,9 +206,14 @@ def test_app_passes_selector_gates_and_steps_to_the_room_and_refuses_bad_ones_in
     monkeypatch.setattr("workbench.room.ControlRoom", lambda *args, **kwargs: rooms.append(kwargs))
     monkeypatch.setattr("workbench.api.RoomAPI", lambda room, users: users)
     monkeypatch.setattr("workbench.ui.serve", lambda api, host, port: None)
-    assert app.main(["--selector", "gates", "--steps", "10"]) == 0
+    assert app.main(["--selector", "gates", "--steps", "10", "--collapse-guard", "0.3"]) == 0
     assert rooms[0]["selector"] == "gates" and rooms[0]["config"].steps == 10
+    assert rooms[0]["config"].max_diversity_drop == 0.3
     assert app.main([]) == 0 and rooms[1]["selector"] is None and rooms[1]["config"].steps == RoomConfig().steps
+    assert rooms[1]["config"].max_diversity_drop is None  # off unless asked for
+    assert app.main(["--collapse-guard", "20"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --collapse-guard is the share of variety an update may lose, "
+                                               "between 0 and 1 (e.g. 0.3), got 20.0")
 
 
 def test_app_answers_load_errors_in_one_line_and_lets_a_bug_raise(monkeypatch, capsys, tmp_path, derm_selector):

@@ -23,7 +23,7 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
+        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
 """
 
 import argparse
@@ -78,7 +78,7 @@ def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
 
 def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
     expert = EXPERTS[expert_name]
-    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=RoomConfig(steps=args.steps))
+    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=RoomConfig(steps=args.steps, max_diversity_drop=args.collapse_guard))
     config = room.config.update
     for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
         part, _, name = key.rpartition(".")
@@ -130,6 +130,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "seconds_per_update": float(np.mean(update_times)),
         "settings": args.settings,
         "steps": args.steps,
+        "collapse_guard": args.collapse_guard,
     }
 
 
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=64)
     parser.add_argument("--steps", type=int, default=RoomConfig.steps,
                         help="the room's sampling steps: the groups experts rank, the AI groups and the evaluation")
+    parser.add_argument("--collapse-guard", type=float, default=None,
+                        help="the room's max_diversity_drop (app.py --collapse-guard; default off)")
     parser.add_argument("--set", nargs="*", default=[], type=setting, dest="settings",
                         help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2 (default: the room's)")
     parser.add_argument("--json", default=None, help="also write the results here")

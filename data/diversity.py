@@ -26,3 +26,8 @@ def diversity(groups: Sequence[Sequence[np.ndarray]]) -> float:
     groups of one image have no pair and add nothing. ``nan`` when no group has two images."""
     distances = [np.sqrt(np.mean((a - b) ** 2)) for group in groups for a, b in itertools.combinations(group, 2)]
     return float(np.mean(distances)) if distances else float("nan")
+
+
+def diversity_change(base: float | None, trained: float | None) -> float | None:
+    """``trained / base - 1``: the share of the base's variety gained (negative: lost); None without a base figure."""
+    return trained / base - 1 if base else None

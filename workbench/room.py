@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.diversity import diversity, grey_levels
+from data.diversity import diversity, diversity_change, grey_levels
 from data.export import ABJudgementRecord, CandidateRecord, RankedGroupRecord, RankingRecord, RatingRecord, export
 from data.images import read_image, to_display, unit_to_pil
 from data.modalities import modality_of_prompt
@@ -426,10 +426,9 @@ class ControlRoom:
                 return (f"the selector passes {figures['pass_rate_trained']:.0%} of {count} candidates on fixed seeds where "
                         f"the base model passes {figures['pass_rate_base']:.0%} (more than "
                         f"{self.config.max_pass_rate_drop:.0%} fewer): the update would spoil the images")
-            base_diversity = figures["diversity_base"]
-            drop = 1 - figures["diversity_trained"] / base_diversity if base_diversity else 0.0  # None: nothing to compare
-            if self.config.max_diversity_drop is not None and drop > self.config.max_diversity_drop:
-                return (f"the candidates of a prompt on fixed seeds differ {drop:.0%} less from one another than the base "
+            change = diversity_change(figures["diversity_base"], figures["diversity_trained"])  # None: nothing to compare
+            if None not in (change, self.config.max_diversity_drop) and -change > self.config.max_diversity_drop:
+                return (f"the candidates of a prompt on fixed seeds differ {-change:.0%} less from one another than the base "
                         f"model's (more than {self.config.max_diversity_drop:.0%} less): the update would make the images alike "
                         "(a lower learning rate or fewer passes moves them less)")
             return None

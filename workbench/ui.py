@@ -36,6 +36,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data.diversity import diversity_change  # noqa: E402
 from data.experts import LEVELS  # noqa: E402
 from data.phantoms import all_prompts  # noqa: E402
 from workbench.api import (  # noqa: E402
@@ -620,8 +621,8 @@ def probe_text(probe: dict | None) -> str:
         return ""
     text = (f"On {probe['candidates']} fixed seeds against the base model: the selector passes "
             f"{probe['pass_rate_trained']:.0%} (base {probe['pass_rate_base']:.0%})")
-    if probe["diversity_base"]:
-        change = probe["diversity_trained"] / probe["diversity_base"] - 1
+    change = diversity_change(probe["diversity_base"], probe["diversity_trained"])
+    if change is not None:
         text += (f"; the candidates of a prompt differ {probe['diversity_trained']:.3f} from one another "
                  f"(base {probe['diversity_base']:.3f}, {change:+.0%})")
     return f"\n\n{text}."

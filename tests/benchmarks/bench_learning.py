@@ -78,7 +78,8 @@ def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
 
 def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
     expert = EXPERTS[expert_name]
-    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=RoomConfig(steps=args.steps, max_diversity_drop=args.collapse_guard))
+    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"),
+                       config=RoomConfig(steps=args.steps, max_diversity_drop=args.collapse_guard))
     config = room.config.update
     for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
         part, _, name = key.rpartition(".")

@@ -21,7 +21,12 @@ What one update trains, and why:
   ``timestep_fraction``. On one update of six ranked groups (8 sampling steps) the preferred attribute
   moved 0.33 sd with the early quarter, 0.17 +- 0.26 with a random quarter (its direction swung with
   the draw), 1.10 with the early half, 0.52 with the late half (at eight times the KL) and 0.68 with
-  every step: the late steps add noise, not signal. Hence the early half (the README's sweep);
+  every step: the late steps add noise, not signal. A LoRA acts on every step, whatever steps it was
+  trained on, and the later steps are where it spends variety: on a brightness-trained version (the early
+  half trained), its adapters on in the first 3 of 20 steps only moved the images 0.41 sd at 2% less
+  variety, on all 20 steps 0.83 sd at 20% less (``tests/benchmarks/bench_step_windows.py``). Hence the
+  early 30% (6 of 20 steps), with GRPO's KL weight 0.07: on 30 groups as far as the early half at 0.1, at
+  about half the loss of variety (the README's sweep);
 - each group weighs its experts' levels (``RankedGroup.weight``): a level-3 expert's group counts three
   times a level-1 expert's, in GRPO as in DPO's pairs; AI-ranked groups weigh the configured AI weight;
 - a fresh seed per update (unless ``seed`` is given) for the trained steps and DPO's timesteps and
@@ -92,7 +97,7 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     kl_budget: float = 0.05  # largest mean step-kernel KL from the previous version (updates measured 1e-3 to 2e-2)
-    train_fraction: float = 0.5  # share of each chain's denoising steps trained (at least one): 10 of 20
+    train_fraction: float = 0.3  # share of each chain's denoising steps trained (at least one): 6 of 20
     train_window: str = "early"  # which: "early" (the first, noisiest steps) or "random" (a fresh draw per update)
     # The trust region watches the trained steps of every group (for GRPO free with the training pass) and the
     # untrained steps of the first this many (the experts' come before AI groups): a forward pass each, and an

@@ -70,7 +70,9 @@ def test_fp16_gradients_match_fp32_with_the_loss_scale_and_underflow_without(mov
         return float(((grads - exact).abs() / exact.abs()).median())
 
     scaled, unscaled = gradients(fp16_policy, group, FP16_LOSS_SCALE / 36), gradients(fp16_policy, group, 1 / 36)
-    assert not (scaled == 0).any() and error(scaled) < 0.08  # measured 0.048: fp16's rounding, as bf16's
+    # measured 0.046: fp16's rounding, as bf16's; with the scale 1 entry in 41216 came out 0 (its exact value
+    # -8.6e-8, a sum that cancels, about 100 times below the typical entry), without it 5%
+    assert (scaled == 0).float().mean() < 1e-3 and error(scaled) < 0.08
     assert (unscaled == 0).float().mean() > 0.02 and error(unscaled) > 2 * error(scaled)  # measured 5% zeros, 0.21
 
 

@@ -426,10 +426,11 @@ class ControlRoom:
                 return (f"the selector passes {figures['pass_rate_trained']:.0%} of {count} candidates on fixed seeds where "
                         f"the base model passes {figures['pass_rate_base']:.0%} (more than "
                         f"{self.config.max_pass_rate_drop:.0%} fewer): the update would spoil the images")
+            limit = self.config.max_diversity_drop  # None: the guard is off
             change = diversity_change(figures["diversity_base"], figures["diversity_trained"])  # None: nothing to compare
-            if None not in (change, self.config.max_diversity_drop) and -change > self.config.max_diversity_drop:
+            if limit is not None and change is not None and -change > limit:
                 return (f"the candidates of a prompt on fixed seeds differ {-change:.0%} less from one another than the base "
-                        f"model's (more than {self.config.max_diversity_drop:.0%} less): the update would make the images alike "
+                        f"model's (more than {limit:.0%} less): the update would make the images alike "
                         "(a lower learning rate or fewer passes moves them less)")
             return None
 

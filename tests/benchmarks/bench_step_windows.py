@@ -59,7 +59,7 @@ def main() -> None:
     room = ControlRoom(workdir=args.workdir, config=RoomConfig(steps=args.steps))
     expert, prompts = EXPERTS[args.expert], all_prompts()
     print(f"{args.workdir}: {room.policy.version} against the base model, {args.eval} samples, {args.steps} steps")
-    with adapters_only_on(room.policy, set()):
+    with room.policy.reference():  # the adapters off at every step
         base_scores, _, base_greys, _ = evaluate(room, expert, prompts, args.eval)
     spread, base_diversity = base_scores.std(ddof=1), diversity(base_greys)
     for steps in [range(args.steps)] + args.windows:

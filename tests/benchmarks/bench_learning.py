@@ -13,7 +13,9 @@ For each expert and algorithm, starting from the embedded default model each tim
       * the EFFECT SIZE: the mean change of the score divided by the base samples' standard deviation
         (over all evaluation samples), and the same divided by the pooled within-prompt standard
         deviation (the spread an expert sees among the candidates of one prompt);
-      * the win-rate of the final version over the base (seed-matched; ties count half);
+      * the win-rate of the final version over the base (seed-matched; ties count half), and the expert's
+        blind A/B verdict on the same pairs as the page tallies it (``optim.verification``): a change
+        smaller than the expert's own tie threshold is "same" (half a win), with its 95% Wilson interval;
       * the selector's pass rate, base -> final; a diversity figure (mean pairwise RMS grey-level
         distance between the samples of one prompt), base -> final;
       * the KL of the final step kernels from the base's, the reward model's held-out pairwise
@@ -45,6 +47,7 @@ from data.phantoms import all_prompts  # noqa: E402
 from data.simulated_experts import EXPERTS  # noqa: E402
 from optim.preference.groups import RankedGroup  # noqa: E402
 from optim.preference.update import kl_between, step_kernels  # noqa: E402
+from optim.verification import tally  # noqa: E402
 from workbench.room import ControlRoom, RoomConfig  # noqa: E402
 
 EVAL_SEED = 10_000
@@ -110,6 +113,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
     scores, passed, greys, _ = evaluate(room, expert, prompts, args.eval)
     change = scores - base_scores
     within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))
+    blind = tally(np.where(change >= expert.tie, "b", np.where(change <= -expert.tie, "a", "same")).ravel().tolist())
     return {
         "expert": expert_name,
         "algorithm": algorithm,
@@ -122,6 +126,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "effect_size": float(change.mean() / base_scores.std(ddof=1)),
         "effect_size_within_prompt": float(change.mean() / within_std),
         "win_rate": float(np.mean((change > 0) + 0.5 * (change == 0))),
+        "blind_ab": {key: blind[key] for key in ("wins", "same", "losses", "win_rate", "low", "high")},
         "pass_rate_base": float(base_passed.mean()),
         "pass_rate_final": float(passed.mean()),
         "diversity_base": diversity(base_greys),
@@ -174,7 +179,9 @@ def main() -> None:
         accuracy = "-" if r["reward_model_accuracy"] is None else f"{r['reward_model_accuracy']:.0%}"
         print(f"{expert} {algorithm} ai={ai_groups}: score {r['score_base']:.4f} -> {r['score_final']:.4f}, "
               f"effect size {r['effect_size']:+.2f} (within prompt {r['effect_size_within_prompt']:+.2f}), "
-              f"win-rate {r['win_rate']:.0%}, pass rate {r['pass_rate_base']:.0%} -> {r['pass_rate_final']:.0%}, "
+              f"win-rate {r['win_rate']:.0%} (blind A/B {r['blind_ab']['win_rate']:.0%}, 95% "
+              f"{r['blind_ab']['low']:.0%}-{r['blind_ab']['high']:.0%}: {r['blind_ab']['wins']} better, "
+              f"{r['blind_ab']['same']} same, {r['blind_ab']['losses']} worse), pass rate {r['pass_rate_base']:.0%} -> {r['pass_rate_final']:.0%}, "
               f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
               f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
               flush=True)

@@ -19,7 +19,9 @@ For each expert and algorithm, starting from the embedded default model each tim
       * the selector's pass rate, base -> final; a diversity figure (mean pairwise RMS grey-level
         distance between the samples of one prompt), base -> final;
       * the KL of the final step kernels from the base's, the reward model's held-out pairwise
-        accuracy at the last update, and the wall time per update.
+        accuracy at the last update, and the wall time per update;
+      * per modality of the evaluation prompts: the same effect size (over the same base std), win-rate and
+        blind A/B counts, since an expert who reads brain MRI sees the MRI samples, not the mean.
 Targets (issue 10): effect size >= 1.0 with amplification and >= 0.5 without, win-rate >= 90%, pass
 rate down at most 5 points, diversity down at most 20%, reward model accuracy >= 80%, an update
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
@@ -43,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data.diversity import diversity, grey_levels  # noqa: E402
+from data.modalities import modality_of_prompt  # noqa: E402
 from data.phantoms import all_prompts  # noqa: E402
 from data.simulated_experts import EXPERTS  # noqa: E402
 from optim.preference.groups import RankedGroup  # noqa: E402
@@ -113,7 +116,16 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
     scores, passed, greys, _ = evaluate(room, expert, prompts, args.eval)
     change = scores - base_scores
     within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))
-    blind = tally(np.where(change >= expert.tie, "b", np.where(change <= -expert.tie, "a", "same")).ravel().tolist())
+    verdicts = np.where(change >= expert.tie, "b", np.where(change <= -expert.tie, "a", "same"))
+    blind = tally(verdicts.ravel().tolist())
+    modalities = np.array([modality_of_prompt(prompts[k % len(prompts)]) for k in range(len(change))])
+    by_modality = {}
+    for modality in dict.fromkeys(modalities):
+        rows, ab = modalities == modality, tally(verdicts[modalities == modality].ravel().tolist())
+        by_modality[modality] = {"samples": int(change[rows].size),
+                                 "effect_size": float(change[rows].mean() / base_scores.std(ddof=1)),
+                                 "win_rate": float(np.mean((change[rows] > 0) + 0.5 * (change[rows] == 0))),
+                                 "blind_ab": [ab["wins"], ab["same"], ab["losses"]]}
     return {
         "expert": expert_name,
         "algorithm": algorithm,
@@ -127,6 +139,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "effect_size_within_prompt": float(change.mean() / within_std),
         "win_rate": float(np.mean((change > 0) + 0.5 * (change == 0))),
         "blind_ab": {key: blind[key] for key in ("wins", "same", "losses", "win_rate", "low", "high")},
+        "by_modality": by_modality,
         "pass_rate_base": float(base_passed.mean()),
         "pass_rate_final": float(passed.mean()),
         "diversity_base": diversity(base_greys),
@@ -185,6 +198,10 @@ def main() -> None:
               f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
               f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
               flush=True)
+        for modality, m in r["by_modality"].items():
+            print(f"  {modality} ({m['samples']} samples): effect size {m['effect_size']:+.2f}, win-rate "
+                  f"{m['win_rate']:.0%}, blind A/B {m['blind_ab'][0]} better, {m['blind_ab'][1]} same, "
+                  f"{m['blind_ab'][2]} worse", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -369,6 +369,18 @@ class Store:
             ).all()
             return [_group_dict(g) for g in groups]
 
+    def ranked_prompts_trained(self) -> dict[str, int]:
+        """Every prompt an expert has ranked (a skip is no ranking), in the order first ranked, with how many
+        of its groups (human or AI-ranked) applied updates have trained on: where amplification is thinnest."""
+        ranked = select(Ranking.group_id).where(Ranking.skipped.is_(False))
+        used = select(UpdateGroup.group_id).join(Update).where(Update.applied.is_(True))
+        with self._session() as s:
+            prompts = s.execute(select(Group.prompt).where(Group.id.in_(ranked)).group_by(Group.prompt)
+                                .order_by(func.min(Group.created_at))).scalars().all()
+            trained = dict(s.execute(select(Group.prompt, func.count()).where(Group.id.in_(used))
+                                     .group_by(Group.prompt)).all())
+        return {prompt: trained.get(prompt, 0) for prompt in prompts}
+
     # Rankings -------------------------------------------------------------------------------------
 
     def add_ranking(self, group_id: str, expert: str, tiers: list | None, level: int | None = None,

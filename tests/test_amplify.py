@@ -14,7 +14,7 @@ from data.phantoms import all_prompts
 from data.simulated_experts import EXPERTS
 from data.store import Store
 from workbench import ControlRoom, RoomConfig
-from workbench.ai_feedback import AmplifyConfig
+from workbench.ai_feedback import AmplifyConfig, prompts_for_ai_groups, prompts_the_model_can_rank
 
 PROMPTS = [p for p in all_prompts() if p.startswith(("CT", "MRI"))][:3]
 CONFIG = RoomConfig(survivors=4, batch_size=4, max_draws=8, steps=4, pass_rate_probe=0,
@@ -45,6 +45,7 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
     # agreement on a fresh draw varies with the update's seed, so the guard is off and the seed fixed.
     room = room_copy(ranked_room, tmp_path, update=replace(CONFIG.update, seed=7),
                      amplify=AmplifyConfig(min_ranked_groups=3, min_agreement=0.0))
+    assert room.store.ranked_prompts_trained() == dict.fromkeys(PROMPTS, 0)
     stages = []
     result = room.apply_update("grpo", ai_groups=3, on_progress=lambda fraction, what: stages.append((fraction, what)))
     assert result.applied, result.message
@@ -60,6 +61,8 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
 
     ai = room.store.ai_groups()
     assert len(ai) == 3 and all(g["source"] == "ai" and len(g["ai"]["scores"]) == 4 for g in ai)
+    assert [g["prompt"] for g in ai] == PROMPTS  # two human groups each: one AI group each
+    assert list(room.store.ranked_prompts_trained().items()) == [(p, 3) for p in PROMPTS]
     assert room.counts()["ai_groups"] == 3 and room.counts()["groups"] == 6
     assert room.next_group("newcomer") is None  # AI groups are never offered to an expert
     assert room.store.unused_ranked_groups() == []
@@ -69,6 +72,37 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
     both = datasets.load_dataset("parquet", data_files=str(room.export("pickapic", tmp_path / "a.parquet", include_ai=True)),
                                  split="train")
     assert both["source"].count("ai") == 3 * 6 and set(both.filter(lambda r: r["source"] == "ai")["expert_level"]) == {0}
+
+
+def test_ai_groups_go_to_the_prompts_trained_least():
+    """Counts: CT 2 earlier + 2 now = 4, MRI 0 + 1 = 1, the X-ray ranked earlier 1, the queued OCT 0; MRI
+    and X-ray tie at 1 and keep the order (this update's prompts before those ranked earlier)."""
+    order = prompts_for_ai_groups(["CT", "CT", "MRI"], ["OCT"], {"X-ray": 1, "CT": 2, "MRI": 0})
+    assert order == ["OCT", "MRI", "X-ray", "CT"]
+    assert prompts_for_ai_groups(["CT"], [], {}) == ["CT"]
+
+
+def test_ai_groups_are_drawn_only_for_modalities_the_reward_model_ranks_better_than_chance():
+    heldout = {"CT": {"pairs": 74, "accuracy": 0.96, "low": 0.89, "high": 0.99},
+               "MRI": {"pairs": 12, "accuracy": 0.67, "low": 0.39, "high": 0.86}}
+    prompts = ["CT: a", "MRI: b", "OCT: c", "CT: d", "no prefix"]
+    kept, left_out = prompts_the_model_can_rank(prompts, heldout, 0.5)
+    assert kept == ["CT: a", "CT: d"]
+    assert left_out == {"MRI": "the reward model ordered 67% of 12 held-out MRI pairs as the experts did (95% interval "
+                               "39%-86%, not above 50%)",
+                        "OCT": "no held-out OCT pairs to check the reward model on",
+                        "no modality": "no held-out no modality pairs to check the reward model on"}
+    assert prompts_the_model_can_rank(prompts, heldout, 0.0) == (prompts, {})  # the check off
+
+
+def test_amplification_the_reward_model_has_not_earned_is_refused(ranked_room, tmp_path):
+    room = room_copy(ranked_room, tmp_path, amplify=AmplifyConfig(min_ranked_groups=3, min_modality_accuracy=0.999))
+    result = room.apply_update("grpo", ai_groups=2)
+    assert not result.applied and room.policy.version == "v0"
+    assert result.message.startswith("update refused: the reward model has not shown on held-out groups that it ranks "
+                                     "these prompts' modalities as the experts do (the reward model ordered ")
+    assert "held-out CT pairs" in result.message and result.message.endswith("v0 stays current")
+    assert list(result.metrics["ai_groups_left_out"]) == ["CT"]
 
 
 def test_an_amplified_update_moves_the_images_further_than_one_without(ranked_room, tmp_path):

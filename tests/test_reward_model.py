@@ -14,6 +14,7 @@ from data.simulated_experts import EXPERTS
 from optim.preference.reward_model import (
     Comparison,
     PixelFeatures,
+    accuracy_by_modality,
     RewardModel,
     RewardModelConfig,
     bradley_terry_loss,
@@ -24,6 +25,7 @@ from optim.preference.reward_model import (
     group_folds,
 )
 from optim.preference.rewards import RankingError
+from optim.verification import wilson_interval
 
 
 class Brightness:
@@ -201,14 +203,33 @@ def test_pairwise_accuracy_counts_equal_rewards_half_and_weighs_by_level():
     assert pairwise_accuracy(rewards, pairs, weighted=False) == pytest.approx(1.5 / 3)
 
 
+def test_heldout_accuracy_per_modality_by_hand():
+    """CT: margins right (level 3), wrong, equal: weighted (3 + 0 + 0.5) / 5 = 0.7, unweighted 1.5 of 3 with
+    Wilson's 95% interval (0.125, 0.875); MRI: 1 of 1 right; the unmapped group's pair counts nowhere."""
+    pairs = [Comparison("g1", 0, 1, 3.0), Comparison("g1", 1, 2, 1.0), Comparison("g2", 4, 5, 1.0),
+             Comparison("g3", 6, 7, 1.0), Comparison("g4", 8, 9, 1.0)]
+    by_modality = accuracy_by_modality([1.0, -1.0, 0.0, 2.0, -3.0], pairs, {"g1": "CT", "g2": "CT", "g3": "MRI"})
+    assert list(by_modality) == ["CT", "MRI"]
+    ct = by_modality["CT"]
+    assert ct["pairs"] == 3 and ct["accuracy"] == pytest.approx(0.7)
+    assert (ct["low"], ct["high"]) == pytest.approx((0.12533, 0.87467), abs=1e-5) == wilson_interval(1.5, 3)
+    assert by_modality["MRI"]["pairs"] == 1 and by_modality["MRI"]["accuracy"] == 1.0
+    assert by_modality["MRI"]["low"] == pytest.approx(wilson_interval(1, 1)[0])  # 0.2065: one pair shows little
+
+
 def test_learns_a_simulated_experts_preference_on_held_out_groups(policy):
     # The brightness expert ranks 32 groups of phantoms (one modality a group); the reward model on
     # the generator's VAE latents (the default features) must order the pairs of groups it never saw
     # far better than chance (0.5). Phantoms of one modality barely differ in contrast (many such
     # groups tie throughout), so the contrast expert is left to the benchmark's generated groups.
     images, pairs = phantom_groups(32, "brightness")
-    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig(folds=4))
+    modality_of = {f"g{g}": MODALITIES[g % len(MODALITIES)] for g in range(32)}
+    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig(folds=4),
+                            modality_of=modality_of)
     metrics = model.metrics
+    by_modality = metrics["heldout_by_modality"]
+    assert set(by_modality) == set(MODALITIES) and sum(m["pairs"] for m in by_modality.values()) == len(pairs)
+    assert all(m["low"] <= m["accuracy"] <= m["high"] for m in by_modality.values())  # one level: weighted = unweighted
     assert metrics["features"] == "latents" and metrics["members"] == 5
     assert metrics["folds"] == 4 and metrics["heldout_groups"] == metrics["groups"] >= 24  # every group held out once
     assert metrics["heldout_accuracy"] >= 0.85 and metrics["heldout_accuracy_unweighted"] >= 0.85

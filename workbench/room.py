@@ -51,7 +51,8 @@ from optim.trajectory import Trajectory
 from optim.preference.update import UpdateConfig, UpdateResult, apply_update
 from optim.verification import summarize
 from optim.versions import VersionStore
-from workbench.ai_feedback import AIGroup, AmplificationRefused, AmplifyConfig, draw_ai_groups, fit_reward_model
+from workbench.ai_feedback import (AIGroup, AmplificationRefused, AmplifyConfig, draw_ai_groups, fit_reward_model,
+                                   prompts_for_ai_groups, prompts_the_model_can_rank)
 from workbench.sampler import RejectionSampler, SamplerConfig
 from workbench.verification import BlindPair, draw_pair
 
@@ -175,7 +176,8 @@ class ControlRoom:
         ``config`` replaces the room's update settings for this update only (the page's learning rate, steps...).
         The reward model is refitted on every stored ranking first (its held-out accuracy goes into the
         metrics, and it is saved beside the new version); ``ai_groups`` (default: the room's setting) adds that
-        many groups it ranks, drawn for the ranked prompts and ``prompts`` (``workbench.ai_feedback``).
+        many groups it ranks, drawn for the ranked prompts and ``prompts``, those trained on least first
+        (``workbench.ai_feedback``).
         ``on_progress(fraction, what)`` reports each stage (the page's progress bar).
         """
         ids = group_ids if group_ids is not None else [g["id"] for g in self.store.unused_ranked_groups()]
@@ -190,13 +192,22 @@ class ControlRoom:
             progress(0.0, "fitting the reward model on the experts' rankings")
             reward_model = fit_reward_model(self.store, self._features(amplify.reward_model), amplify)
             extra = {"reward_model": reward_model.metrics if reward_model else None, "ai_groups_skipped": 0,
+                     "ai_groups_left_out": {},
                      "who": who}  # in the version's meta.json: a kill before record_update is put right at start-up
             try:
                 if amplify.ai_groups:
                     if reward_model is None:
                         raise AmplificationRefused(f"the reward model needs at least {amplify.min_ranked_groups} ranked "
                                                    "groups before it can rank AI groups")
-                    ranked_prompts = list(dict.fromkeys([g.trajectory.prompt for g in groups] + (prompts or [])))
+                    ranked_prompts, extra["ai_groups_left_out"] = prompts_the_model_can_rank(
+                        prompts_for_ai_groups([g.trajectory.prompt for g in groups], prompts or [],
+                                              self.store.ranked_prompts_trained()),
+                        reward_model.metrics["heldout_by_modality"], amplify.min_modality_accuracy)
+                    if not ranked_prompts:
+                        raise AmplificationRefused("the reward model has not shown on held-out groups that it ranks "
+                                                   "these prompts' modalities as the experts do ("
+                                                   f"{'; '.join(extra['ai_groups_left_out'].values())}): rank more "
+                                                   "groups by hand, or ask for no AI groups")
                     progress(0.05, f"drawing {amplify.ai_groups} groups for the reward model to rank")
                     drawn, extra["ai_groups_skipped"] = draw_ai_groups(
                         self.sampler, reward_model, ranked_prompts, amplify, self._sampling(), config.seed,
@@ -210,6 +221,9 @@ class ControlRoom:
                 result = apply_update(self.policy, self.version_store, groups, config, extra_metrics=extra, accept=accept,
                                       on_step=lambda done, total: progress(0.4 + 0.55 * done / total,
                                                                            f"optimizer step {done} of {total}"))
+                if extra["ai_groups_left_out"]:  # say so: the admin asked for AI groups on every ranked prompt
+                    result = replace(result, message=f"{result.message}; no AI groups for " + "; ".join(
+                        f"{modality}: {why}" for modality, why in extra["ai_groups_left_out"].items()))
             if result.applied and reward_model is not None:
                 reward_model.save(self.workdir / "reward_models" / result.version.id, reward_model.seen)
         if result.applied:

@@ -316,9 +316,9 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                 beta = gr.Number(value=room.config.update.dpo.beta, label="DPO beta")
                 ai_groups = gr.Number(value=room.config.amplify.ai_groups, precision=0, minimum=0,
                                       maximum=MAX_AI_GROUPS, label="AI-ranked groups to add",
-                                      info="drawn for the ranked prompts and ranked by the reward model "
-                                           "learned from the experts; each adds about as much training time "
-                                           "as a ranked group, and every "
+                                      info="drawn for the ranked prompts, those trained on least first, and ranked "
+                                           "by the reward model learned from the experts; each adds about as much "
+                                           "training time as a ranked group, and every "
                                            f"{room.config.update.groups_per_step} groups add an optimizer step "
                                            "to each pass; 0 trains on human rankings only")
             update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
@@ -362,7 +362,9 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
         accuracy = model.get("heldout_accuracy")
         judged = ("" if accuracy is None else
                   f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs ordered as the experts did "
-                  f"(each by a fit that did not see its group; {model['folds']}-fold cross-validation).")
+                  f"(each by a fit that did not see its group; {model['folds']}-fold cross-validation)"
+                  + "".join(f"; {name} {m['accuracy']:.0%} of {m['pairs']}"
+                            for name, m in model.get("heldout_by_modality", {}).items()) + ".")
         checked = probe_text(result.metrics.get("probe"))
         return (f"**{result.version.id}** is now current: {result.message}{judged}{checked}" if result.applied
                 else f"**Refused.** {result.message}{judged}{checked}")

@@ -30,7 +30,9 @@ retrain in seconds on a CPU whenever an update runs:
   pairwise accuracy of the ensemble mean over every held-out pair is reported, level-weighted and
   unweighted; then it refits every member on all groups. Every ranked pair is tested once, so the
   figure is steadier than one split's few groups. It is what an admin sees before trusting the
-  model's rankings.
+  model's rankings. Given each group's modality, the same held-out pairs are also counted per
+  modality (``heldout_by_modality``, with a 95% Wilson interval): a model right on 96% of CT pairs
+  may be right on 8 of 12 MRI pairs, where an expert could hardly tell the candidates apart.
 
 Saved as safetensors (feature standardisation and the heads) plus JSON (config, metrics, and
 ``seen``: which rankings and groups it was trained on, as the caller says); never pickle.
@@ -53,6 +55,7 @@ from torch.nn import functional as F
 from data.files import write_atomically
 from optim.preference.rewards import Ranking, level_weight, validate_ranking, weighted_pairs
 from optim.selector.model import Selector, as_unit_array, network_input
+from optim.verification import wilson_interval
 
 WEIGHTS_FILE = "reward_model.safetensors"
 CONFIG_FILE = "reward_model.json"
@@ -281,6 +284,23 @@ def margin_accuracy(margins, comparisons: Sequence[Comparison], weighted: bool =
     return float((weights * ((margins > 0) + 0.5 * (margins == 0))).sum() / weights.sum())
 
 
+def accuracy_by_modality(margins, comparisons: Sequence[Comparison], modality_of: Mapping[str, str]) -> dict[str, dict]:
+    """Per modality (``modality_of[c.group]``; comparisons of other groups are left out): ``pairs``, the
+    level-weighted ``accuracy`` as ``margin_accuracy`` gives it, and the 95% Wilson interval (``low``,
+    ``high``) of the unweighted share ordered right (equal rewards count half), in the order first met."""
+    by_modality: dict[str, tuple[list, list]] = {}
+    for margin, comparison in zip(margins, comparisons):
+        if comparison.group in modality_of:
+            held = by_modality.setdefault(modality_of[comparison.group], ([], []))
+            held[0].append(margin)
+            held[1].append(comparison)
+    result = {}
+    for modality, (held_margins, held) in by_modality.items():
+        low, high = wilson_interval(margin_accuracy(held_margins, held, weighted=False) * len(held), len(held))
+        result[modality] = {"pairs": len(held), "accuracy": margin_accuracy(held_margins, held), "low": low, "high": high}
+    return result
+
+
 def group_folds(comparisons: Sequence[Comparison], folds: int, seed: int) -> list[tuple[list, list]]:
     """(training, held-out) comparisons for each of ``folds`` folds: the groups, shuffled by ``seed``, are
     dealt into ``min(folds, groups)`` folds, and each fold's groups are held out once, whole.
@@ -376,14 +396,16 @@ class RewardModel:
 
     @classmethod
     def fit(cls, images: Sequence, comparisons: Sequence[Comparison], featurizer,
-            config: RewardModelConfig | None = None, features: torch.Tensor | None = None) -> "RewardModel":
+            config: RewardModelConfig | None = None, features: torch.Tensor | None = None,
+            modality_of: Mapping[str, str] | None = None) -> "RewardModel":
         """Measure held-out accuracy by cross-validation over groups, then fit every member on all groups.
 
         Every comparison is scored by an ensemble fitted on the other folds' groups, so the accuracy
         covers every ranked pair (one held-out split of a few groups swung by +-10 points).
 
         ``features`` are the images' features when the caller has them already (a benchmark fitting
-        many splits of one set); otherwise ``featurizer`` computes them.
+        many splits of one set); otherwise ``featurizer`` computes them. ``modality_of`` (a comparison's
+        group -> its modality) adds the held-out accuracy per modality (``accuracy_by_modality``).
         """
         config = config or RewardModelConfig()
         config.check()
@@ -409,7 +431,7 @@ class RewardModel:
                    "groups": len({c.group for c in comparisons}), "pairs": len(comparisons), "folds": len(folds),
                    "heldout_groups": len({c.group for _, held in folds for c in held}),
                    "heldout_pairs": sum(len(held) for _, held in folds),
-                   "heldout_accuracy": None, "heldout_accuracy_unweighted": None}
+                   "heldout_accuracy": None, "heldout_accuracy_unweighted": None, "heldout_by_modality": {}}
         if folds:
             held_all, margins = [], []
             for train, held in folds:
@@ -419,6 +441,7 @@ class RewardModel:
                 margins += [rewards[c.winner] - rewards[c.loser] for c in held]
             metrics["heldout_accuracy"] = margin_accuracy(margins, held_all)
             metrics["heldout_accuracy_unweighted"] = margin_accuracy(margins, held_all, weighted=False)
+            metrics["heldout_by_modality"] = accuracy_by_modality(margins, held_all, modality_of or {})
         model = cls(featurizer, config, *_fit_ensemble(features, comparisons, config))
         metrics["train_accuracy"] = pairwise_accuracy(model._member_rewards(features).mean(dim=1).numpy(), comparisons)
         metrics["feature_seconds"] = feature_seconds

@@ -88,10 +88,10 @@ def test_ai_groups_are_drawn_only_for_modalities_the_reward_model_ranks_better_t
     prompts = ["CT: a", "MRI: b", "OCT: c", "CT: d", "no prefix"]
     kept, left_out = prompts_the_model_can_rank(prompts, heldout, 0.5)
     assert kept == ["CT: a", "CT: d"]
-    assert left_out == {"MRI": "the reward model ordered 67% of 12 held-out MRI pairs as the experts did (95% interval "
-                               "39%-86%, not above 50%)",
-                        "OCT": "no held-out OCT pairs to check the reward model on",
-                        "no modality": "no held-out no modality pairs to check the reward model on"}
+    assert left_out == {"MRI": "MRI: the reward model ordered 67% of its 12 held-out pairs as the experts did (95% "
+                               "interval 39%-86%, not above 50%)",
+                        "OCT": "OCT: no held-out pairs of its prompts to check the reward model on",
+                        "no modality": "no modality: no held-out pairs of its prompts to check the reward model on"}
     assert prompts_the_model_can_rank(prompts, heldout, 0.0) == (prompts, {})  # the check off
 
 
@@ -100,8 +100,8 @@ def test_amplification_the_reward_model_has_not_earned_is_refused(ranked_room, t
     result = room.apply_update("grpo", ai_groups=2)
     assert not result.applied and room.policy.version == "v0"
     assert result.message.startswith("update refused: the reward model has not shown on held-out groups that it ranks "
-                                     "these prompts' modalities as the experts do (the reward model ordered ")
-    assert "held-out CT pairs" in result.message and result.message.endswith("v0 stays current")
+                                     "these prompts' modalities as the experts do (CT: the reward model ordered ")
+    assert result.message.endswith("rank more groups by hand, or ask for no AI groups; v0 stays current")
     assert list(result.metrics["ai_groups_left_out"]) == ["CT"]
 
 

@@ -6,11 +6,10 @@ An amplified update (classic RLHF, REFERENCES.md section 8) first fits the rewar
 sampler draw extra groups for the prompts the experts ranked (and any queued prompts), and lets the
 reward model rank them. The trainers then see human and AI groups together:
 
-- the AI groups go to the prompts trained on least so far (``prompts_for_ai_groups``), not only to the
-  prompts of this update: experts rank what they are offered, often one modality far more than another,
-  and AI groups that only repeat each update's prompts leave the modality ranked least further behind (on
-  the learning benchmark, 5 brain MRI groups of 30 beside 18 abdominal CT);
-
+- the AI groups go to the ranked prompts trained on least so far (``prompts_for_ai_groups``), not only to
+  the prompts of this update: experts rank what they are offered, often one modality far more than
+  another (on the learning benchmark 5 brain MRI groups of 30 beside 18 abdominal CT), and the reward
+  model, learned from every ranking, can stand in for them where they ranked little;
 - an AI group's rewards are the reward model's scores (dense: GRPO normalises them within the group),
   its DPO pairs follow the scores, and its loss weight is ``ai_weight`` against the experts' levels 1-3;
 - AI groups are drawn only for prompts of a modality on which the reward model has shown, on groups it
@@ -109,8 +108,8 @@ def prompts_the_model_can_rank(prompts: list[str], heldout_by_modality: dict[str
                                ) -> tuple[list[str], dict[str, str]]:
     """The prompts whose modality the reward model orders better than ``min_accuracy`` on held-out groups (the
     lower end of the 95% interval, ``RewardModel.metrics["heldout_by_modality"]``), and for each modality left
-    out a line that says why. A modality without held-out pairs is left out (nothing shows the model knows it);
-    ``min_accuracy`` 0 keeps every prompt."""
+    out a line that names it and says why. A modality without held-out pairs is left out (nothing shows the
+    model knows it); ``min_accuracy`` 0 keeps every prompt."""
     if min_accuracy <= 0:
         return list(prompts), {}
     kept, left_out = [], {}
@@ -120,11 +119,11 @@ def prompts_the_model_can_rank(prompts: list[str], heldout_by_modality: dict[str
         if figures is not None and figures["low"] > min_accuracy:
             kept.append(prompt)
         elif figures is None:
-            left_out[modality] = f"no held-out {modality} pairs to check the reward model on"
+            left_out[modality] = f"{modality}: no held-out pairs of its prompts to check the reward model on"
         else:
-            left_out[modality] = (f"the reward model ordered {figures['accuracy']:.0%} of {figures['pairs']} held-out "
-                                  f"{modality} pairs as the experts did (95% interval {figures['low']:.0%}-"
-                                  f"{figures['high']:.0%}, not above {min_accuracy:.0%})")
+            left_out[modality] = (f"{modality}: the reward model ordered {figures['accuracy']:.0%} of its "
+                                  f"{figures['pairs']} held-out pairs as the experts did (95% interval "
+                                  f"{figures['low']:.0%}-{figures['high']:.0%}, not above {min_accuracy:.0%})")
     return kept, left_out
 
 

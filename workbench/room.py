@@ -222,8 +222,8 @@ class ControlRoom:
                                       on_step=lambda done, total: progress(0.4 + 0.55 * done / total,
                                                                            f"optimizer step {done} of {total}"))
                 if extra["ai_groups_left_out"]:  # say so: the admin asked for AI groups on every ranked prompt
-                    result = replace(result, message=f"{result.message}; no AI groups for " + "; ".join(
-                        f"{modality}: {why}" for modality, why in extra["ai_groups_left_out"].items()))
+                    result = replace(result, message=f"{result.message}; no AI groups for "
+                                                     + "; ".join(extra["ai_groups_left_out"].values()))
             if result.applied and reward_model is not None:
                 reward_model.save(self.workdir / "reward_models" / result.version.id, reward_model.seen)
         if result.applied:

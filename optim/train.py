@@ -70,7 +70,8 @@ TRACKERS = ("tensorboard", "wandb", "none")
 #: ``UpdateConfig``'s fields that belong to one in-process update and mean nothing offline: a run takes
 #: one optimizer step per batch for its epochs (batch_size pairs or prompts per process), trains every
 #: stored step of a GRPO group, and has no trust region.
-IN_PROCESS_ONLY = ("groups_per_step", "kl_budget", "train_fraction", "train_window", "kl_groups", "micro_batch")
+IN_PROCESS_ONLY = ("groups_per_step", "min_steps_per_pass", "kl_budget", "train_fraction", "train_window", "kl_groups",
+                   "micro_batch")
 
 
 # ---------------------------------------------------------------------- settings

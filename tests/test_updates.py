@@ -148,7 +148,8 @@ def test_grpo_watches_the_untrained_steps_of_the_first_kl_groups_only(fresh, dra
     for kl_groups in (1, 8):
         passes.clear()
         fresh.load_lora_state_dict(weights)
-        config = UpdateConfig(epochs=2, train_fraction=0.5, kl_budget=float("inf"), kl_groups=kl_groups, seed=0)
+        config = UpdateConfig(epochs=2, min_steps_per_pass=1, train_fraction=0.5, kl_budget=float("inf"),
+                              kl_groups=kl_groups, seed=0)  # one full-batch step a pass: the counts below
         assert apply_update(fresh, store, [ranked(drawn), RankedGroup("g2", IDS, drawn, ranked(drawn).rankings)],
                             config).applied
         without_gradients[kl_groups] = passes.count(False)
@@ -166,8 +167,14 @@ def test_each_pass_deals_every_group_once_into_minibatches_of_near_equal_size():
         assert sorted(first + second) == list(range(9))
     assert batches[0] != batches[2]  # a fresh order each pass
     assert update.step_batches([0, 1, 2], 5, 3, generator) == [[0, 1, 2]] * 3  # up to 5 groups: one full-batch step a pass
-    assert update.step_batches([4, 7], 0, 2, generator) == [[4, 7]] * 2  # 0: every group in one step
+    five = update.step_batches(list(range(5)), 5, 2, generator, min_steps=2)  # at least 2 a pass: 3 and 2 groups
+    assert [len(b) for b in five] == [3, 2, 3, 2] and sorted(five[0] + five[1]) == list(range(5))
+    assert [len(b) for b in update.step_batches(list(range(13)), 5, 1, generator, min_steps=2)] == [5, 4, 4]
+    assert update.step_batches([3], 5, 2, generator, min_steps=2) == [[3], [3]]  # never an empty step
+    assert update.step_batches([4, 7], 0, 2, generator, min_steps=2) == [[4, 7]] * 2  # 0: every group in one step
     assert update.step_batches([], 5, 2, generator) == []
+    with pytest.raises(ValueError, match="min_steps_per_pass >= 1"):
+        update.step_batches([0, 1], 5, 1, generator, min_steps=0)
 
 
 def test_a_step_trains_its_minibatch_alone_and_the_update_counts_the_steps(fresh, drawn, tmp_path):

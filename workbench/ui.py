@@ -311,15 +311,16 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                 learning_rate = gr.Number(value=room.config.update.learning_rate, label="Learning rate")
                 epochs = gr.Number(value=room.config.update.epochs, precision=0, label="Passes over the groups",
                                    info=f"each pass takes one optimizer step per {room.config.update.groups_per_step} "
-                                        "groups (human and AI-ranked)")
+                                        f"groups (human and AI-ranked), at least {room.config.update.min_steps_per_pass}")
                 clip = gr.Number(value=room.config.update.grpo.clip_range, label="GRPO clip range")
                 beta = gr.Number(value=room.config.update.dpo.beta, label="DPO beta")
                 ai_groups = gr.Number(value=room.config.amplify.ai_groups, precision=0, minimum=0,
                                       maximum=MAX_AI_GROUPS, label="AI-ranked groups to add",
                                       info="drawn for the ranked prompts, those trained on least first, and ranked "
                                            "by the reward model learned from the experts; each adds about as much "
-                                           "training time as a ranked group, and every "
-                                           f"{room.config.update.groups_per_step} groups add an optimizer step "
+                                           "training time as a ranked group, and beyond "
+                                           f"{room.config.update.groups_per_step * room.config.update.min_steps_per_pass} "
+                                           f"groups every {room.config.update.groups_per_step} add an optimizer step "
                                            "to each pass; 0 trains on human rankings only")
             update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
             update_status = gr.Markdown()

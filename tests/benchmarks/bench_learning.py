@@ -116,16 +116,18 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
     scores, passed, greys, _ = evaluate(room, expert, prompts, args.eval)
     change = scores - base_scores
     within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))
+    base_std = float(base_scores.std(ddof=1))
     verdicts = np.where(change >= expert.tie, "b", np.where(change <= -expert.tie, "a", "same"))
-    blind = tally(verdicts.ravel().tolist())
+
+    def moved(rows) -> dict:
+        """Effect size (over the base std of all samples), win-rate (ties half) and blind A/B tally of ``rows``."""
+        return {"samples": int(change[rows].size), "effect_size": float(change[rows].mean() / base_std),
+                "win_rate": float(np.mean((change[rows] > 0) + 0.5 * (change[rows] == 0))),
+                "blind_ab": tally(verdicts[rows].ravel().tolist())}
+
+    overall = moved(slice(None))
     modalities = np.array([modality_of_prompt(prompts[k % len(prompts)]) for k in range(len(change))])
-    by_modality = {}
-    for modality in dict.fromkeys(modalities):
-        rows, ab = modalities == modality, tally(verdicts[modalities == modality].ravel().tolist())
-        by_modality[modality] = {"samples": int(change[rows].size),
-                                 "effect_size": float(change[rows].mean() / base_scores.std(ddof=1)),
-                                 "win_rate": float(np.mean((change[rows] > 0) + 0.5 * (change[rows] == 0))),
-                                 "blind_ab": [ab["wins"], ab["same"], ab["losses"]]}
+    by_modality = {modality: moved(modalities == modality) for modality in dict.fromkeys(modalities)}
     return {
         "expert": expert_name,
         "algorithm": algorithm,
@@ -135,10 +137,10 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "final_version": room.policy.version,
         "score_base": float(base_scores.mean()),
         "score_final": float(scores.mean()),
-        "effect_size": float(change.mean() / base_scores.std(ddof=1)),
+        "effect_size": overall["effect_size"],
         "effect_size_within_prompt": float(change.mean() / within_std),
-        "win_rate": float(np.mean((change > 0) + 0.5 * (change == 0))),
-        "blind_ab": {key: blind[key] for key in ("wins", "same", "losses", "win_rate", "low", "high")},
+        "win_rate": overall["win_rate"],
+        "blind_ab": {key: overall["blind_ab"][key] for key in ("wins", "same", "losses", "win_rate", "low", "high")},
         "by_modality": by_modality,
         "pass_rate_base": float(base_passed.mean()),
         "pass_rate_final": float(passed.mean()),
@@ -200,8 +202,8 @@ def main() -> None:
               flush=True)
         for modality, m in r["by_modality"].items():
             print(f"  {modality} ({m['samples']} samples): effect size {m['effect_size']:+.2f}, win-rate "
-                  f"{m['win_rate']:.0%}, blind A/B {m['blind_ab'][0]} better, {m['blind_ab'][1]} same, "
-                  f"{m['blind_ab'][2]} worse", flush=True)
+                  f"{m['win_rate']:.0%}, blind A/B {m['blind_ab']['wins']} better, {m['blind_ab']['same']} same, "
+                  f"{m['blind_ab']['losses']} worse", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 

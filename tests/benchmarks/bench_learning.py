@@ -27,10 +27,11 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--set learning_rate=1e-3 grpo.clip_range=0.2 train_window=random ...]
+        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--set learning_rate=1e-3 grpo.clip_range=0.2 amplify.ai_weight=3 ...]
 """
 
 import argparse
+import io
 import itertools
 import json
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -84,11 +86,17 @@ def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
 
 def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
     expert = EXPERTS[expert_name]
-    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"),
-                       config=RoomConfig(steps=args.steps, max_diversity_drop=args.collapse_guard))
-    config = room.config.update
-    for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
+    room_config = RoomConfig(steps=args.steps, max_diversity_drop=args.collapse_guard)
+    for key, value in args.settings.items():  # "learning_rate", "grpo.clip_range" or "amplify.ai_weight"
         part, _, name = key.rpartition(".")
+        room_config = replace(room_config, amplify=replace(room_config.amplify, **{name: value})) \
+            if part == "amplify" else room_config
+    room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=room_config)
+    config = room.config.update
+    for key, value in args.settings.items():
+        part, _, name = key.rpartition(".")
+        if part == "amplify":
+            continue
         config = replace(config, **{name: value}) if not part else \
             replace(config, **{part: replace(getattr(config, part), **{name: value})})
     base_scores, base_passed, base_greys, eval_chains = evaluate(room, expert, prompts, args.eval)
@@ -114,6 +122,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
             print(f"  [{expert_name} {algorithm} ai={ai_groups}] after group {g + 1}: {update.message} "
                   f"({update_times[-1]:.0f} s: {stages})", flush=True)
     scores, passed, greys, _ = evaluate(room, expert, prompts, args.eval)
+    ai_pairs = ai_agreement(room, expert)
     change = scores - base_scores
     within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))
     base_std = float(base_scores.std(ddof=1))
@@ -148,11 +157,33 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "diversity_final": diversity(greys),
         "kl_final_from_base": kl_between(base_kernels, step_kernels(room.policy, eval_groups)),
         "reward_model_accuracy": metrics.get("reward_model", {}).get("heldout_accuracy"),
+        "ai_pairs": ai_pairs,
         "seconds_per_update": float(np.mean(update_times)),
         "settings": args.settings,
         "steps": args.steps,
         "collapse_guard": args.collapse_guard,
     }
+
+
+def ai_agreement(room: ControlRoom, expert) -> dict:
+    """How the reward model's rankings of the AI groups compare with what the expert would have said.
+
+    Over every pair of candidates of every stored AI group: the expert's strict pairs (scores further apart
+    than its tie) that the reward model ordered the same way, and the expert's ties (which the model's dense
+    scores always order one way or the other: GRPO's group normalisation makes such a near-tie count as much
+    as a clear difference)."""
+    alike = strict = ties = 0
+    for group in room.store.ai_groups():
+        survivors = [c for c in group["candidates"] if c["passed"]]
+        truth = [expert.score(Image.open(io.BytesIO(room.store.blobs.get(c["image"])))) for c in survivors]
+        model = group["ai"]["scores"]
+        for i, j in itertools.combinations(range(len(survivors)), 2):
+            if abs(truth[i] - truth[j]) < expert.tie:
+                ties += 1
+            else:
+                strict += 1
+                alike += (truth[i] > truth[j]) == (model[i] > model[j])
+    return {"strict_pairs": strict, "ordered_alike": alike, "expert_ties": ties}
 
 
 def setting(text: str) -> tuple[str, int | float | str]:
@@ -179,7 +210,8 @@ def main() -> None:
     parser.add_argument("--collapse-guard", type=float, default=None,
                         help="the room's max_diversity_drop (app.py --collapse-guard; default off)")
     parser.add_argument("--set", nargs="*", default=[], type=setting, dest="settings",
-                        help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2 (default: the room's)")
+                        help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2, and the room's "
+                             "AmplifyConfig's as amplify.ai_weight=3 (default: the room's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     args.settings = dict(args.settings)
@@ -200,6 +232,11 @@ def main() -> None:
               f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
               f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
               flush=True)
+        if r["ai_pairs"]["strict_pairs"]:
+            a = r["ai_pairs"]
+            print(f"  AI groups: the reward model ordered {a['ordered_alike']} of the expert's {a['strict_pairs']} strict "
+                  f"pairs as the expert does ({a['ordered_alike'] / a['strict_pairs']:.0%}); {a['expert_ties']} "
+                  f"pairs the expert ties", flush=True)
         for modality, m in r["by_modality"].items():
             print(f"  {modality} ({m['samples']} samples): effect size {m['effect_size']:+.2f}, win-rate "
                   f"{m['win_rate']:.0%}, blind A/B {m['blind_ab']['wins']} better, {m['blind_ab']['same']} same, "

@@ -4,15 +4,19 @@ groups, never offered to experts, never exported as human preferences, and refus
 import shutil
 from dataclasses import replace
 
+from types import SimpleNamespace
+
 import datasets
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import text
 
 from data.diversity import grey_levels
 from data.phantoms import all_prompts
 from data.simulated_experts import EXPERTS
 from data.store import Store
+from optim.preference.groups import AIRanking, RankedGroup
 from workbench import ControlRoom, RoomConfig
 from workbench.ai_feedback import AmplifyConfig, prompts_for_ai_groups, prompts_the_model_can_rank
 
@@ -61,6 +65,7 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
 
     ai = room.store.ai_groups()
     assert len(ai) == 3 and all(g["source"] == "ai" and len(g["ai"]["scores"]) == 4 for g in ai)
+    assert all(sorted(row for tier in g["ai"]["tiers"] for row in tier) == [0, 1, 2, 3] for g in ai)
     assert [g["prompt"] for g in ai] == PROMPTS  # two human groups each: one AI group each
     assert list(room.store.ranked_prompts_trained().items()) == [(p, 3) for p in PROMPTS]
     assert room.counts()["ai_groups"] == 3 and room.counts()["groups"] == 6
@@ -72,6 +77,17 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
     both = datasets.load_dataset("parquet", data_files=str(room.export("pickapic", tmp_path / "a.parquet", include_ai=True)),
                                  split="train")
     assert both["source"].count("ai") == 3 * 6 and set(both.filter(lambda r: r["source"] == "ai")["expert_level"]) == {0}
+
+
+def test_an_ai_groups_near_ties_are_rewarded_alike_and_make_no_pair():
+    """Scores 3, 0, 1, 0.5 in tiers [[0], [2, 3, 1]]: the tie's rows get its mean score 0.5; pairs only from row 0."""
+    ranking = AIRanking([3.0, 0.0, 1.0, 0.5], agreement=1.0, weight=2.0, tiers=[[0], [2, 3, 1]])
+    group = RankedGroup("g", ["c0", "c1", "c2", "c3"], SimpleNamespace(latents=torch.zeros(4, 1)), ai=ranking)
+    assert group.rewards().tolist() == [3.0, 0.5, 0.5, 0.5]
+    assert group.pairs() == [(0, 2, 2.0), (0, 3, 2.0), (0, 1, 2.0)]
+    untied = RankedGroup("g", ["c0", "c1"], SimpleNamespace(latents=torch.zeros(2, 1)),
+                         ai=AIRanking([0.2, 0.7], 1.0, 1.0, tiers=[[1], [0]]))
+    assert untied.rewards().tolist() == pytest.approx([0.2, 0.7]) and untied.pairs() == [(1, 0, 1.0)]
 
 
 def test_ai_groups_go_to_the_prompts_trained_least():

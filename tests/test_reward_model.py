@@ -20,6 +20,7 @@ from optim.preference.reward_model import (
     bradley_terry_loss,
     comparisons_from_rankings,
     comparisons_from_ratings,
+    confident_tiers,
     featurizer,
     pairwise_accuracy,
     group_folds,
@@ -146,6 +147,20 @@ def test_ensemble_spread_and_agreement_by_hand():
     assert tiers == [["c"], ["b"], ["a"]] and agreement == pytest.approx(2 / 3)
     assert split.rank(["a", "b"], [grey(51), grey(51)])[0] == [["a", "b"]]  # equal means share a tier
     assert split.rank(["a"], [grey(51)]) == ([["a"]], 1.0)
+    # Mean scores 0, 1, 2: gaps of 1.0, a win probability of sigmoid(1) = 0.731 each.
+    assert same.rank(["a", "b", "c"], images, min_probability=0.7)[0] == [["c"], ["b"], ["a"]]
+    assert same.rank(["a", "b", "c"], images, min_probability=0.75)[0] == [["c", "b", "a"]]
+
+
+def test_confident_tiers_tie_what_the_model_cannot_tell_apart():
+    """Gaps below logit(p) join the previous tier: at 0.8 the gap must reach log(4) = 1.386."""
+    assert confident_tiers([3.0, 0.0, 1.0, 0.5], 0.8) == [[0], [2, 3, 1]]  # by score 0, 2, 3, 1: gaps 2.0, 0.5, 0.5
+    assert confident_tiers([4.0, 0.0, 2.5, 1.0], 0.8) == [[0], [2], [3, 1]]  # gaps 1.5, 1.5, 1.0
+    assert confident_tiers([3.0, 0.0, 1.5, 0.5]) == [[0], [2], [3], [1]]  # 0.5: only equal scores tie
+    assert confident_tiers([1.0, 1.0, 0.0]) == [[0, 1], [2]]
+    assert confident_tiers([]) == []
+    with pytest.raises(ValueError, match=r"tie probability must be in \[0.5, 1\), got 1.0"):
+        confident_tiers([1.0, 0.0], 1.0)
 
 
 def phantom_groups(count: int, expert: str):

@@ -12,6 +12,8 @@ reward model rank them. The trainers then see human and AI groups together:
   model, learned from every ranking, can stand in for them where they ranked little;
 - an AI group's rewards are the reward model's scores (dense: GRPO normalises them within the group),
   its DPO pairs follow the scores, and its loss weight is ``ai_weight`` against the experts' levels 1-3;
+  candidates the model cannot tell apart (a Bradley-Terry win probability below ``tie_probability``)
+  share a tier, with their tier's mean score and no pair between them, as an expert ties them;
 - AI groups are drawn only for prompts of a modality on which the reward model has shown, on groups it
   did not see, that it orders pairs as the experts do better than a coin would (the 95% Wilson interval
   of its held-out accuracy on that modality above ``min_modality_accuracy``; ``prompts_the_model_can_rank``).
@@ -39,7 +41,7 @@ from PIL import Image
 from data.modalities import modality_of_prompt
 from data.store import Store
 from optim.preference.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings,
-                                           comparisons_from_ratings, ensemble_agreement)
+                                           comparisons_from_ratings, confident_tiers, ensemble_agreement)
 from workbench.sampler import RejectionSampler, SamplerResult
 
 
@@ -48,6 +50,9 @@ class AmplifyConfig:
     ai_groups: int = 0  # AI-ranked groups an update adds: the admin chooses per update on the Optimize tab (README: 4)
     ai_weight: float = 1.0  # an AI group's loss weight; an expert's ranking weighs its level, 1-3
     min_agreement: float = 0.8  # AI groups whose ensemble agreement is below this are skipped
+    # candidates whose Bradley-Terry win probability under the model is below this share a tier, as an expert's
+    # ties do (0.5: only equal scores)
+    tie_probability: float = 0.5
     max_disagreeing_share: float = 0.5  # more AI groups skipped than this share: the update is refused
     min_ranked_groups: int = 4  # the reward model is fitted only on at least this many ranked groups
     # AI groups only for modalities whose held-out accuracy's 95% interval lies above this (0.5: better than
@@ -62,6 +67,7 @@ class AIGroup:
     seed: int
     scores: list[float]  # the reward model's ensemble mean per survivor
     agreement: float
+    tiers: list[list[int]]  # survivors' rows best first, near-ties sharing a tier (``confident_tiers``)
 
 
 class AmplificationRefused(Exception):
@@ -158,9 +164,9 @@ def draw_ai_groups(sampler: RejectionSampler, model: RewardModel, prompts: list[
         draw = sampler.draw(prompts[k % len(prompts)], group_seed, **sampling)
         if len(draw.survivors) >= 2:
             rewards = model.member_rewards([c.image for c in draw.survivors])  # features computed once
-            agreement = ensemble_agreement(rewards)
+            agreement, scores = ensemble_agreement(rewards), rewards.mean(dim=1).tolist()
             if agreement >= config.min_agreement:
-                kept.append(AIGroup(draw, group_seed, rewards.mean(dim=1).tolist(), agreement))
+                kept.append(AIGroup(draw, group_seed, scores, agreement, confident_tiers(scores, config.tie_probability)))
             else:
                 skipped += 1
         if on_group is not None:

@@ -44,7 +44,7 @@ from optim.preference.agreement import agreement
 from optim.preference.groups import AIRanking, RankedGroup
 from optim.preference.losses import group_losses
 from optim.policy import Policy
-from optim.preference.reward_model import RewardModel, RewardModelConfig, featurizer
+from optim.preference.reward_model import RewardModel, RewardModelConfig, confident_tiers, featurizer
 from optim.preference.rewards import validate_ranking
 from optim.selector.model import Selector
 from optim.trajectory import Trajectory
@@ -388,13 +388,14 @@ class ControlRoom:
     def _store_ai_group(self, drawn: AIGroup, reward_model: RewardModel, weight: float) -> RankedGroup:
         """Store a group the reward model ranked (source "ai", its scores kept) and return it for training."""
         result = drawn.draw
-        ai = {"scores": drawn.scores, "agreement": drawn.agreement, "reward_model": reward_model.metrics, "weight": weight}
+        ai = {"scores": drawn.scores, "tiers": drawn.tiers, "agreement": drawn.agreement, "reward_model": reward_model.metrics,
+              "weight": weight}
         candidates = [NewCandidate(_png(k.image), True, k.seed, k.verdict.quality, k.verdict.modality_probabilities, [],
                                    result.trajectory.select([i]).to_bytes()) for i, k in enumerate(result.survivors)]
         group_id = self.store.add_group(result.prompt, self.policy.version, [k.seed for k in result.survivors],
                                         {**self._sampling(), "seed": drawn.seed}, candidates, ai=ai)
         ids = [c["id"] for c in self.store.get_group(group_id)["candidates"]]
-        return RankedGroup(group_id, ids, result.trajectory, ai=AIRanking(drawn.scores, drawn.agreement, weight))
+        return RankedGroup(group_id, ids, result.trajectory, ai=AIRanking(drawn.scores, drawn.agreement, weight, drawn.tiers))
 
     def _probe_check(self, groups: list[RankedGroup], progress: Callable[[float, str], None], metrics: dict):
         """A check for ``apply_update`` (the reward-hacking guards): on ``pass_rate_probe`` fixed seeds spread
@@ -493,11 +494,12 @@ class ControlRoom:
         return sorted(records, key=lambda record: record.group_id)
 
     def _ai_records(self) -> list[RankedGroupRecord]:
-        """The reward model's groups as rankings by "reward-model" (level 0, source "ai"), tiers by its scores."""
+        """The reward model's groups as rankings by "reward-model" (level 0, source "ai"), in its tiers (groups
+        stored before it tied near-ties: one tier per distinct score)."""
         records = []
         for group in self.store.ai_groups():
-            ids, scores = group["survivors"], group["ai"]["scores"]
-            tiers = [[c] for _, c in sorted(zip(scores, ids), key=lambda pair: -pair[0])]
+            ids, ai = group["survivors"], group["ai"]
+            tiers = [[ids[row] for row in tier] for tier in ai.get("tiers") or confident_tiers(ai["scores"])]
             records.append(RankedGroupRecord(
                 group["id"], group["prompt"],
                 [CandidateRecord(c["id"], self.store.blobs.get(c["image"]), group["version"]) for c in group["candidates"]],

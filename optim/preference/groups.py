@@ -6,7 +6,10 @@ weight) pairs. Both come from ``optim.preference.rewards``, so the two algorithm
 
 A group the reward model ranked instead of an expert (an amplified update's AI feedback) carries an
 ``AIRanking``: its rewards are the model's scores (dense, not positions), its pairs follow the scores,
-and its weight is the configured AI weight, set against the experts' levels (1-3).
+and its weight is the configured AI weight, set against the experts' levels (1-3). Candidates the model
+cannot tell apart share a tier (``reward_model.confident_tiers``), as in an expert's ranking: they get
+their tier's mean score and make no pair, so a near-tie does not count, once GRPO has normalised the
+group, as much as a clear difference.
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ class AIRanking:
     scores: list[float]  # the reward model's ensemble mean per candidate, in row order
     agreement: float  # share of the ensemble members' pair orderings that agree with the mean's
     weight: float  # the group's loss weight, against an expert level's 1-3
+    tiers: list[list[int]]  # rows best first; rows in one tier the model could not tell apart
+
+    def tier_scores(self) -> list[float]:
+        """Each row's score, averaged over its tier: a tie's candidates are rewarded alike."""
+        scores = list(self.scores)
+        for tier in self.tiers:
+            for row in tier:
+                scores[row] = sum(self.scores[r] for r in tier) / len(tier)
+        return scores
 
 
 @dataclass
@@ -58,14 +70,15 @@ class RankedGroup:
     def rewards(self) -> torch.Tensor:
         """One reward per candidate, in row order (0.5 for all when nobody ranked the group)."""
         if self.ai is not None:
-            return torch.tensor(self.ai.scores, dtype=torch.float32)
+            return torch.tensor(self.ai.tier_scores(), dtype=torch.float32)
         rewards = combined_rewards(self.rankings)
         return torch.tensor([rewards.get(c, 0.5) for c in self.candidate_ids], dtype=torch.float32)
 
     def pairs(self) -> list[tuple[int, int, float]]:
         """(winner row, loser row, weight) for every ranked pair, ties skipped."""
         if self.ai is not None:
-            scores = self.ai.scores
-            return [(w, l, self.ai.weight) for w in range(len(scores)) for l in range(len(scores)) if scores[w] > scores[l]]
+            tiers = self.ai.tiers
+            return [(w, l, self.ai.weight) for k, better in enumerate(tiers) for worse in tiers[k + 1:]
+                    for w in better for l in worse]
         row = {c: i for i, c in enumerate(self.candidate_ids)}
         return [(row[w], row[l], weight) for w, l, weight in weighted_pairs(self.rankings)]

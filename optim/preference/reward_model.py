@@ -379,6 +379,28 @@ def ensemble_agreement(rewards: torch.Tensor) -> float:
     return float(agree.double().mean())
 
 
+def confident_tiers(scores: Sequence[float], min_probability: float = 0.5) -> list[list[int]]:
+    """Rows best first in tiers, as an expert ranks: a row shares the previous row's tier when the model is not
+    sure it is worse, i.e. when the Bradley-Terry probability that the previous row wins, sigmoid(score gap),
+    is below ``min_probability``. 0.5 ties only equal scores.
+
+    Worked check: scores (3.0, 0.0, 1.0, 0.5) at 0.8 (a gap of at least logit 0.8 = 1.386 to break a tier):
+    rows by score 0, 2, 3, 1 with gaps 2.0, 0.5, 0.5, so tiers [[0], [2, 3, 1]].
+    """
+    if not 0.5 <= min_probability < 1:
+        raise ValueError(f"the tie probability must be in [0.5, 1), got {min_probability}")
+    order = sorted(range(len(scores)), key=lambda row: -scores[row])
+    min_gap = math.log(min_probability / (1 - min_probability))
+    tiers = [order[:1]] if order else []
+    for previous, row in zip(order, order[1:]):
+        gap = scores[previous] - scores[row]
+        if gap == 0 or gap < min_gap:
+            tiers[-1].append(row)
+        else:
+            tiers.append([row])
+    return tiers
+
+
 class RewardModel:
     """An ensemble of Bradley-Terry heads on fixed, standardised image features (see the module's notes)."""
 
@@ -462,8 +484,9 @@ class RewardModel:
         rewards = self.member_rewards(images)
         return rewards.mean(dim=1).numpy(), rewards.std(dim=1, unbiased=False).numpy()
 
-    def rank(self, ids: Sequence, images: Sequence) -> tuple[list[list], float]:
-        """Tiers best first by the ensemble mean (equal means share a tier), and the members' agreement.
+    def rank(self, ids: Sequence, images: Sequence, min_probability: float = 0.5) -> tuple[list[list], float]:
+        """Tiers best first by the ensemble mean (``confident_tiers``: equal means, or means closer than
+        ``min_probability`` asks, share a tier), and the members' agreement.
 
         The agreement is the share of (member, candidate pair) orderings that match the mean's
         ordering: 1.0 when every member orders every pair as the mean does; a group of one gives 1.0.
@@ -472,15 +495,8 @@ class RewardModel:
         if len(ids) != len(images) or not ids:
             raise ValueError(f"rank needs one id per image, got {len(ids)} ids for {len(images)} images")
         rewards = self.member_rewards(images)
-        mean = rewards.mean(dim=1)
-        order = sorted(range(len(ids)), key=lambda k: -float(mean[k]))
-        tiers = [[ids[order[0]]]]
-        for previous, k in zip(order, order[1:]):
-            if mean[k] == mean[previous]:
-                tiers[-1].append(ids[k])
-            else:
-                tiers.append([ids[k]])
-        return tiers, ensemble_agreement(rewards)
+        tiers = confident_tiers(rewards.mean(dim=1).tolist(), min_probability)
+        return [[ids[row] for row in tier] for tier in tiers], ensemble_agreement(rewards)
 
     def save(self, folder: str | Path, seen: dict) -> Path:
         """Heads and standardisation as safetensors, config, metrics and ``seen`` as JSON; returns the folder."""

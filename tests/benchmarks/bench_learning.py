@@ -20,6 +20,8 @@ For each expert and algorithm, starting from the embedded default model each tim
         distance between the samples of one prompt), base -> final;
       * the KL of the final step kernels from the base's, the reward model's held-out pairwise
         accuracy at the last update, and the wall time per update;
+      * with AI groups, how the reward model ranked them against what the expert would have said: the
+        expert's strict pairs it ordered alike, tied or reversed, and the expert's ties it tied too;
       * per modality of the evaluation prompts: the same effect size (over the same base std), win-rate and
         blind A/B counts, since an expert who reads brain MRI sees the MRI samples, not the mean.
 Targets (issue 10): effect size >= 1.0 with amplification and >= 0.5 without, win-rate >= 90%, pass
@@ -27,7 +29,7 @@ rate down at most 5 points, diversity down at most 20%, reward model accuracy >=
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--set learning_rate=1e-3 grpo.clip_range=0.2 amplify.ai_weight=3 ...]
+        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--set learning_rate=1e-3 grpo.clip_range=0.2 amplify.tie_probability=0.9 ...]
 """
 
 import argparse
@@ -168,22 +170,24 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
 def ai_agreement(room: ControlRoom, expert) -> dict:
     """How the reward model's rankings of the AI groups compare with what the expert would have said.
 
-    Over every pair of candidates of every stored AI group: the expert's strict pairs (scores further apart
-    than its tie) that the reward model ordered the same way, and the expert's ties (which the model's dense
-    scores always order one way or the other: GRPO's group normalisation makes such a near-tie count as much
-    as a clear difference)."""
-    alike = strict = ties = 0
+    Over every pair of candidates of every stored AI group: of the expert's strict pairs (scores further apart
+    than its tie), those the model ordered the same way, tied, or reversed; of the expert's ties, those the
+    model tied too (a near-tie the model orders counts, once GRPO normalises the group, as much as a clear
+    difference)."""
+    counts = dict.fromkeys(("alike", "tied", "reversed", "expert_ties", "both_tied"), 0)
     for group in room.store.ai_groups():
         survivors = [c for c in group["candidates"] if c["passed"]]
         truth = [expert.score(Image.open(io.BytesIO(room.store.blobs.get(c["image"])))) for c in survivors]
-        model = group["ai"]["scores"]
+        tier = {row: k for k, rows in enumerate(group["ai"]["tiers"]) for row in rows}
         for i, j in itertools.combinations(range(len(survivors)), 2):
             if abs(truth[i] - truth[j]) < expert.tie:
-                ties += 1
+                counts["expert_ties"] += 1
+                counts["both_tied"] += tier[i] == tier[j]
+            elif tier[i] == tier[j]:
+                counts["tied"] += 1
             else:
-                strict += 1
-                alike += (truth[i] > truth[j]) == (model[i] > model[j])
-    return {"strict_pairs": strict, "ordered_alike": alike, "expert_ties": ties}
+                counts["alike" if (truth[i] > truth[j]) == (tier[i] < tier[j]) else "reversed"] += 1
+    return counts
 
 
 def setting(text: str) -> tuple[str, int | float | str]:
@@ -232,11 +236,11 @@ def main() -> None:
               f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
               f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
               flush=True)
-        if r["ai_pairs"]["strict_pairs"]:
+        if r["ai_pairs"]["alike"] + r["ai_pairs"]["tied"] + r["ai_pairs"]["reversed"]:
             a = r["ai_pairs"]
-            print(f"  AI groups: the reward model ordered {a['ordered_alike']} of the expert's {a['strict_pairs']} strict "
-                  f"pairs as the expert does ({a['ordered_alike'] / a['strict_pairs']:.0%}); {a['expert_ties']} "
-                  f"pairs the expert ties", flush=True)
+            print(f"  AI groups: of the expert's strict pairs the reward model ordered {a['alike']} alike, tied "
+                  f"{a['tied']}, reversed {a['reversed']}; of the expert's {a['expert_ties']} ties it tied "
+                  f"{a['both_tied']}", flush=True)
         for modality, m in r["by_modality"].items():
             print(f"  {modality} ({m['samples']} samples): effect size {m['effect_size']:+.2f}, win-rate "
                   f"{m['win_rate']:.0%}, blind A/B {m['blind_ab']['wins']} better, {m['blind_ab']['same']} same, "

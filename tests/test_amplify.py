@@ -51,7 +51,8 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
                      amplify=AmplifyConfig(min_ranked_groups=3, min_agreement=0.0))
     assert room.store.ranked_prompts_trained() == dict.fromkeys(PROMPTS, 0)
     stages = []
-    result = room.apply_update("grpo", ai_groups=3, on_progress=lambda fraction, what: stages.append((fraction, what)))
+    result = room.apply_update("grpo", ai_groups=3, ai_weight=2.0,
+                               on_progress=lambda fraction, what: stages.append((fraction, what)))
     assert result.applied, result.message
     assert "(3 ranked by the reward model)" in result.message
     assert result.metrics["human_groups"] == 6 and result.metrics["ai_groups"] == 3
@@ -65,6 +66,7 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
 
     ai = room.store.ai_groups()
     assert len(ai) == 3 and all(g["source"] == "ai" and len(g["ai"]["scores"]) == 4 for g in ai)
+    assert result.metrics["ai_weight"] == 2.0 and all(g["ai"]["weight"] == 2.0 for g in ai)  # this update's, not the room's
     assert all(sorted(row for tier in g["ai"]["tiers"] for row in tier) == [0, 1, 2, 3] for g in ai)
     assert [g["prompt"] for g in ai] == PROMPTS  # two human groups each: one AI group each
     assert list(room.store.ranked_prompts_trained().items()) == [(p, 3) for p in PROMPTS]

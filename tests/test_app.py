@@ -128,6 +128,8 @@ def test_bad_input_gets_a_clear_message(server):
         alice.predict(kind="csv", api_name="/export")
     with pytest.raises(Exception, match="unknown update settings lr"):
         alice.predict(algorithm="grpo", settings={"lr": 1}, api_name="/apply_update")
+    with pytest.raises(Exception, match=r"ai_weight must be a number above 0 and at most 3 \(a level-3 expert's weight\), not 5"):
+        alice.predict(algorithm="grpo", settings={"ai_weight": 5}, api_name="/apply_update")
     with pytest.raises(Exception, match="unknown group 'nope'"):
         alice.predict(group_id="nope", api_name="/losses")
 

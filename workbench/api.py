@@ -35,6 +35,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.middleware import Middleware
 
+from data.experts import LEVELS
 from data.store import StoreError
 from optim.preference.update import UpdateConfig
 from workbench.auth import LoginLockedOut, User, Users
@@ -149,7 +150,8 @@ class RoomAPI:
 
     def apply_update(self, caller: Caller, algorithm: str = "grpo", group_ids: list[str] | None = None,
                      settings: dict | None = None, on_progress=None):
-        """``settings`` may hold ``ai_groups``: how many groups the reward model ranks for this update."""
+        """``settings`` may hold ``ai_groups``: how many groups the reward model ranks for this update, and
+        ``ai_weight``: the loss weight of each, against an expert level's 1-3."""
         self.require_admin(caller, "apply an update")
         if algorithm not in ("grpo", "dpo"):
             raise ValueError(f"algorithm must be 'grpo' or 'dpo', not {algorithm!r}")
@@ -157,9 +159,15 @@ class RoomAPI:
         ai_groups = settings.pop("ai_groups", None)
         if ai_groups is not None and not (float(ai_groups).is_integer() and 0 <= ai_groups <= MAX_AI_GROUPS):
             raise ValueError(f"ai_groups must be a whole number from 0 to {MAX_AI_GROUPS}, not {ai_groups!r}")
+        ai_weight = settings.pop("ai_weight", None)
+        if ai_weight is not None and (isinstance(ai_weight, bool) or not isinstance(ai_weight, (int, float))
+                                      or not 0 < ai_weight <= max(LEVELS)):
+            raise ValueError(f"ai_weight must be a number above 0 and at most {max(LEVELS)} (a level-{max(LEVELS)} "
+                             f"expert's weight), not {ai_weight!r}")
         return self.room.apply_update(algorithm, who=caller.name or "local", group_ids=group_ids or None,
                                       config=update_config(self.room.config.update, settings),
-                                      ai_groups=None if ai_groups is None else int(ai_groups), on_progress=on_progress)
+                                      ai_groups=None if ai_groups is None else int(ai_groups),
+                                      ai_weight=None if ai_weight is None else float(ai_weight), on_progress=on_progress)
 
     def rollback(self, caller: Caller, version_id: str) -> dict:
         self.require_admin(caller, "roll back the model")
@@ -243,7 +251,7 @@ def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
     nested = {"clip_range": ("grpo", float), "kl_weight": ("grpo", float), "beta": ("dpo", float)}
     unknown = sorted(set(settings) - set(top) - set(nested))
     if unknown:
-        raise ValueError(f"unknown update settings {', '.join(unknown)}; known: {', '.join([*top, *nested, 'ai_groups'])}")
+        raise ValueError(f"unknown update settings {', '.join(unknown)}; known: {', '.join([*top, *nested, 'ai_groups', 'ai_weight'])}")
     config = replace(base, **{k: top[k](v) for k, v in settings.items() if k in top})
     for name, (part, cast) in nested.items():
         if name in settings:

@@ -169,15 +169,15 @@ class ControlRoom:
             return group_losses(self.policy, self._ranked_group(group_id), self.config.update)
 
     def apply_update(self, algorithm: str = "grpo", who: str = "admin", group_ids: list[str] | None = None,
-                     config: UpdateConfig | None = None, ai_groups: int | None = None, prompts: list[str] | None = None,
-                     on_progress: Callable[[float, str], None] | None = None) -> UpdateResult:
+                     config: UpdateConfig | None = None, ai_groups: int | None = None, ai_weight: float | None = None,
+                     prompts: list[str] | None = None, on_progress: Callable[[float, str], None] | None = None) -> UpdateResult:
         """Train on the given groups, or on every ranked group no update has used yet; a new version or a refusal.
 
         ``config`` replaces the room's update settings for this update only (the page's learning rate, steps...).
         The reward model is refitted on every stored ranking first (its held-out accuracy goes into the
         metrics, and it is saved beside the new version); ``ai_groups`` (default: the room's setting) adds that
         many groups it ranks, drawn for the ranked prompts and ``prompts``, those trained on least first
-        (``workbench.ai_feedback``).
+        (``workbench.ai_feedback``), each weighing ``ai_weight`` (default: the room's setting).
         ``on_progress(fraction, what)`` reports each stage (the page's progress bar).
         """
         ids = group_ids if group_ids is not None else [g["id"] for g in self.store.unused_ranked_groups()]
@@ -186,13 +186,14 @@ class ControlRoom:
         groups = [self._ranked_group(g) for g in ids]
         config = config or self.config.update
         config = replace(config, algorithm=algorithm, seed=secrets.randbits(31) if config.seed is None else config.seed)
-        amplify = replace(self.config.amplify, ai_groups=self.config.amplify.ai_groups if ai_groups is None else ai_groups)
+        amplify = replace(self.config.amplify, ai_groups=self.config.amplify.ai_groups if ai_groups is None else ai_groups,
+                          ai_weight=self.config.amplify.ai_weight if ai_weight is None else ai_weight)
         progress = on_progress or (lambda fraction, what: None)
         with self.model_lock:
             progress(0.0, "fitting the reward model on the experts' rankings")
             reward_model = fit_reward_model(self.store, self._features(amplify.reward_model), amplify)
             extra = {"reward_model": reward_model.metrics if reward_model else None, "ai_groups_skipped": 0,
-                     "ai_groups_left_out": {},
+                     "ai_groups_left_out": {}, "ai_weight": amplify.ai_weight,
                      "who": who}  # in the version's meta.json: a kill before record_update is put right at start-up
             try:
                 if amplify.ai_groups:

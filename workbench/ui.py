@@ -322,6 +322,10 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                                            f"{room.config.update.groups_per_step * room.config.update.min_steps_per_pass} "
                                            f"groups every {room.config.update.groups_per_step} add an optimizer step "
                                            "to each pass; 0 trains on human rankings only")
+                ai_weight = gr.Number(value=room.config.amplify.ai_weight, minimum=0, maximum=max(LEVELS),
+                                      label="Weight of an AI-ranked group",
+                                      info=f"in the loss, against an expert's level (1-{max(LEVELS)}), which weighs "
+                                           "each ranked group")
             update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
             update_status = gr.Markdown()
         with gr.Row():
@@ -351,13 +355,13 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
         return text, grpo, dpo
 
     @clear_errors
-    def on_update(algo, lr, n_epochs, clip_range, beta_value, ai_count, name_value, level_value,
+    def on_update(algo, lr, n_epochs, clip_range, beta_value, ai_count, ai_group_weight, name_value, level_value,
                   request: gr.Request, progress=gr.Progress()):
         who_ = caller(request, name_value, level_value)
         progress(0.0, desc="applying the update")
         result = api.apply_update(who_, algo, None, {"learning_rate": lr, "epochs": n_epochs,
                                                      "clip_range": clip_range, "beta": beta_value,
-                                                     "ai_groups": ai_count},
+                                                     "ai_groups": ai_count, "ai_weight": ai_group_weight},
                                   on_progress=lambda fraction, what: progress(fraction, desc=what))
         model = result.metrics.get("reward_model") or {}
         accuracy = model.get("heldout_accuracy")
@@ -379,7 +383,7 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
 
     losses = View(on_losses, [optimize_status, grpo_table, dpo_table], [page.ranking, *page.me])
     losses_button.click(losses.fn, losses.inputs, losses.outputs, **ON_GPU)
-    updated = update_button.click(on_update, [algorithm, learning_rate, epochs, clip, beta, ai_groups, *page.me],
+    updated = update_button.click(on_update, [algorithm, learning_rate, epochs, clip, beta, ai_groups, ai_weight, *page.me],
                                   [update_status], **ON_GPU)
     history = View(plots, [loss_plot, reward_plot, kl_plot])
     updated.then(history.fn, None, history.outputs, **QUICK)

@@ -20,7 +20,12 @@ reward model rank them. The trainers then see human and AI groups together:
   Bootstrap members trained on the same few groups share their blind spots, so their agreement cannot
   catch this: on the learning benchmark the contrast expert hardly tells brain MRIs apart (their
   contrast varies a quarter as much as a CT's), the model ordered 8 of 12 held-out MRI pairs right
-  (95% 39%-86%) beside 96% of CT pairs, and its members agreed 0.83-0.97 on the MRI groups it ranked;
+  (95% 39%-86%) beside 96% of CT pairs, and its members agreed 0.83-0.97 on the MRI groups it ranked.
+  Barely better than a coin is not enough: GRPO normalises each group's rewards, so a model right 55% of
+  the time pushes as hard as one right 99% of the time, and what it orders by among the expert's ties is
+  whatever else it learned. With the interval's low end at 55% (16 of 21 MRI pairs), one update's three
+  MRI AI groups moved the contrast expert's MRIs down by ten times its tie where no update before had
+  moved them by more than the tie; hence the low end must clear 60%;
 - an AI group on which the ensemble's members disagree (agreement below ``min_agreement``) is skipped,
   and an update where more than ``max_disagreeing_share`` of the AI groups are skipped is refused:
   the reward model is not sure enough of what the experts want to stand in for them;
@@ -56,8 +61,8 @@ class AmplifyConfig:
     max_disagreeing_share: float = 0.5  # more AI groups skipped than this share: the update is refused
     min_ranked_groups: int = 4  # the reward model is fitted only on at least this many ranked groups
     # AI groups only for modalities whose held-out accuracy's 95% interval lies above this (0.5: better than
-    # chance; 0: no check, every ranked prompt)
-    min_modality_accuracy: float = 0.5
+    # chance; 0: no check, every ranked prompt; see the module's notes for why 0.6)
+    min_modality_accuracy: float = 0.6
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
 

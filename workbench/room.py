@@ -186,8 +186,8 @@ class ControlRoom:
         groups = [self._ranked_group(g) for g in ids]
         config = config or self.config.update
         config = replace(config, algorithm=algorithm, seed=secrets.randbits(31) if config.seed is None else config.seed)
-        amplify = replace(self.config.amplify, ai_groups=self.config.amplify.ai_groups if ai_groups is None else ai_groups,
-                          ai_weight=self.config.amplify.ai_weight if ai_weight is None else ai_weight)
+        this_update = {"ai_groups": ai_groups, "ai_weight": ai_weight}
+        amplify = replace(self.config.amplify, **{name: value for name, value in this_update.items() if value is not None})
         progress = on_progress or (lambda fraction, what: None)
         with self.model_lock:
             progress(0.0, "fitting the reward model on the experts' rankings")

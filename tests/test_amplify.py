@@ -17,6 +17,7 @@ from data.phantoms import all_prompts
 from data.simulated_experts import EXPERTS
 from data.store import Store
 from optim.preference.groups import AIRanking, RankedGroup
+from optim.verification import wilson_interval
 from workbench import ControlRoom, RoomConfig
 from workbench.ai_feedback import AmplifyConfig, prompts_for_ai_groups, prompts_the_model_can_rank
 
@@ -111,6 +112,11 @@ def test_ai_groups_are_drawn_only_for_modalities_the_reward_model_ranks_better_t
                         "OCT": "OCT: no held-out pairs of its prompts to check the reward model on",
                         "no modality": "no modality: no held-out pairs of its prompts to check the reward model on"}
     assert prompts_the_model_can_rank(prompts, heldout, 0.0) == (prompts, {})  # the check off
+    low, high = wilson_interval(17, 21)  # 0.59999: measured on the learning benchmark, shown rounded down
+    just_under = {"CT": {"pairs": 21, "accuracy": 17 / 21, "low": low, "high": high}}
+    assert prompts_the_model_can_rank(["CT: a"], just_under, 0.6) == ([], {
+        "CT": "CT: the reward model ordered 81% of its 21 held-out pairs as the experts did (95% interval 59%-92%, "
+              "not above 60%)"})
 
 
 def test_amplification_the_reward_model_has_not_earned_is_refused(ranked_room, tmp_path):

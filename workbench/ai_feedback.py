@@ -36,6 +36,7 @@ reward model rank them. The trainers then see human and AI groups together:
 from __future__ import annotations
 
 import io
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -132,9 +133,10 @@ def prompts_the_model_can_rank(prompts: list[str], heldout_by_modality: dict[str
         elif figures is None:
             left_out[modality] = f"{modality}: no held-out pairs of its prompts to check the reward model on"
         else:
+            low = math.floor(figures["low"] * 100 + 1e-9)  # rounded down: 0.5997 reads 59%, not "60%, not above 60%"
             left_out[modality] = (f"{modality}: the reward model ordered {figures['accuracy']:.0%} of its "
                                   f"{figures['pairs']} held-out pairs as the experts did (95% interval "
-                                  f"{figures['low']:.0%}-{figures['high']:.0%}, not above {min_accuracy:.0%})")
+                                  f"{low}%-{figures['high']:.0%}, not above {min_accuracy:.0%})")
     return kept, left_out
 
 

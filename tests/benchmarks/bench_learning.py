@@ -88,19 +88,15 @@ def evaluate(room: ControlRoom, expert, prompts: list[str], count: int):
 
 def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[str]) -> dict:
     expert = EXPERTS[expert_name]
+    room_settings = {key: value for key, value in args.settings.items() if key.startswith("amplify.")}
     room_config = RoomConfig(steps=args.steps, max_diversity_drop=args.collapse_guard)
-    for key, value in args.settings.items():  # "learning_rate", "grpo.clip_range" or "amplify.ai_weight"
-        part, _, name = key.rpartition(".")
-        room_config = replace(room_config, amplify=replace(room_config.amplify, **{name: value})) \
-            if part == "amplify" else room_config
+    for key, value in room_settings.items():  # "amplify.ai_weight" or "amplify.reward_model.features"
+        room_config = with_setting(room_config, key, value)
     room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=room_config)
     config = room.config.update
-    for key, value in args.settings.items():
-        part, _, name = key.rpartition(".")
-        if part == "amplify":
-            continue
-        config = replace(config, **{name: value}) if not part else \
-            replace(config, **{part: replace(getattr(config, part), **{name: value})})
+    for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
+        if key not in room_settings:
+            config = with_setting(config, key, value)
     base_scores, base_passed, base_greys, eval_chains = evaluate(room, expert, prompts, args.eval)
     eval_groups = [RankedGroup(f"eval{k}", [str(i) for i in range(4)], t) for k, t in enumerate(eval_chains)]
     base_kernels = step_kernels(room.policy, eval_groups)
@@ -190,6 +186,12 @@ def ai_agreement(room: ControlRoom, expert) -> dict:
     return counts
 
 
+def with_setting(config, key: str, value):
+    """``config`` (a dataclass) with the field that the dotted ``key`` names (``grpo.clip_range``) set to ``value``."""
+    name, _, rest = key.partition(".")
+    return replace(config, **{name: with_setting(getattr(config, name), rest, value) if rest else value})
+
+
 def setting(text: str) -> tuple[str, int | float | str]:
     """``key=value``: a whole number, a number, or a word (``train_window=random``)."""
     key, _, value = text.partition("=")
@@ -215,7 +217,8 @@ def main() -> None:
                         help="the room's max_diversity_drop (app.py --collapse-guard; default off)")
     parser.add_argument("--set", nargs="*", default=[], type=setting, dest="settings",
                         help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2, and the room's "
-                             "AmplifyConfig's as amplify.ai_weight=3 (default: the room's)")
+                             "AmplifyConfig's as amplify.ai_weight=3 or amplify.reward_model.features=pixels "
+                             "(default: the room's)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     args.settings = dict(args.settings)

@@ -59,6 +59,8 @@ def test_ai_groups_are_stored_as_such_and_kept_out_of_human_exports(ranked_room,
     assert result.metrics["human_groups"] == 6 and result.metrics["ai_groups"] == 3
     model = result.metrics["reward_model"]
     assert model["heldout_groups"] == model["groups"] >= 4 and result.metrics["ai_groups_skipped"] == 0
+    assert set(model["features_compared"]) == {"latents", "pixels"}  # the default compares both, keeps the better
+    assert model["heldout_accuracy"] == max(model["features_compared"].values())
     assert stages[0][1].startswith("fitting the reward model") and stages[-1][0] == 1.0
     firsts = list(dict.fromkeys(what.split()[0] for _, what in stages[:-1]))  # each stage named, in order
     assert firsts == ["fitting", "drawing", "AI-ranked", "training:", "optimizer"], firsts
@@ -174,3 +176,14 @@ def test_a_store_made_before_ai_groups_gains_the_source_column(tmp_path):
     again = Store(tmp_path)
     again.add_group("CT: axial slice", "v0", [1], {}, [])
     assert again.counts()["groups"] == 1 and again.counts()["ai_groups"] == 0
+
+
+def test_the_optimize_tab_says_which_features_the_reward_model_kept():
+    from workbench.ui import features_text
+
+    model = {"features": "pixels", "features_compared": {"latents": 0.8842, "pixels": 0.9013}}
+    assert features_text(model) == (" It reads the images by their pixels features, right on 90% of the held-out "
+                                    "pairs against latents 88%.")
+    assert features_text({"features": "latents", "features_compared": {"latents": 0.9}}) == ""  # nothing compared
+    assert features_text({"features": "latents"}) == ""  # a model saved before the comparison
+    assert features_text({"features": "latents", "features_compared": {"latents": None, "pixels": None}}) == ""

@@ -22,6 +22,7 @@ from optim.preference.reward_model import (
     comparisons_from_ratings,
     confident_tiers,
     featurizer,
+    fit_best,
     pairwise_accuracy,
     group_folds,
 )
@@ -209,6 +210,37 @@ def test_fit_refuses_what_it_cannot_learn_from():
         RewardModel.fit(images, [Comparison("g", 0, 2, 1.0)], PixelFeatures(), RewardModelConfig(features="pixels"))
     with pytest.raises(ValueError, match="unknown reward-model features 'pixel'"):
         RewardModelConfig(features="pixel").check()
+
+
+class Noise:
+    """Features that know nothing of the images (3 random numbers each), under a real feature set's name."""
+
+    name = "selector"
+
+    def __call__(self, images):
+        return torch.from_numpy(np.random.default_rng(0).normal(size=(len(images), 3)))
+
+
+def test_fit_best_keeps_the_features_that_order_held_out_groups_best():
+    # The brightness expert ranks 16 groups of phantoms: the pixel statistics hold its score (the mean grey
+    # level), the noise nothing, so the held-out groups must choose the pixels, whichever is offered first.
+    images, pairs = phantom_groups(16, "brightness")
+    for order in ((Noise(), PixelFeatures()), (PixelFeatures(), Noise())):
+        config = RewardModelConfig(features=tuple(f.name for f in order), members=2, folds=4)
+        model = fit_best(images, pairs, order, config)
+        compared = model.metrics["features_compared"]
+        assert model.config.features == model.metrics["features"] == "pixels" and model.heads.shape == (2, 27)
+        assert list(compared) == list(config.features)
+        assert compared["pixels"] == model.metrics["heldout_accuracy"] >= 0.8 and compared["selector"] < 0.6
+    # One feature set: fit_best is fit.
+    alone = fit_best(images, pairs, [PixelFeatures()], RewardModelConfig(features="pixels", members=2, folds=4))
+    assert alone.metrics["features_compared"] == {"pixels": alone.metrics["heldout_accuracy"]}
+    with pytest.raises(ValueError, match=r"featurizers give \['pixels'\] features but the config asks for \['selector', 'pixels'\]"):
+        fit_best(images, pairs, [PixelFeatures()], RewardModelConfig(features=("selector", "pixels")))
+    with pytest.raises(ValueError, match="fit takes one feature set"):
+        RewardModel.fit(images, pairs, PixelFeatures(), RewardModelConfig(features=("selector", "pixels")))
+    with pytest.raises(ValueError, match="names no feature set"):
+        RewardModelConfig(features=()).check()
 
 
 def test_pairwise_accuracy_counts_equal_rewards_half_and_weighs_by_level():

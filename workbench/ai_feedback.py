@@ -47,7 +47,7 @@ from PIL import Image
 from data.modalities import modality_of_prompt
 from data.store import Store
 from optim.preference.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings,
-                                           comparisons_from_ratings, confident_tiers, ensemble_agreement)
+                                           comparisons_from_ratings, confident_tiers, ensemble_agreement, fit_best)
 from workbench.sampler import RejectionSampler, SamplerResult
 
 
@@ -80,11 +80,12 @@ class AmplificationRefused(Exception):
     """The reward model cannot stand in for the experts here; the message says why."""
 
 
-def fit_reward_model(store: Store, features, config: AmplifyConfig) -> RewardModel | None:
+def fit_reward_model(store: Store, featurizers: list, config: AmplifyConfig) -> RewardModel | None:
     """The reward model on every stored human ranking and imported rating; None with too few ranked groups.
 
-    ``features`` is the featurizer (``optim.preference.reward_model.featurizer``). The model's ``seen`` says which
-    rankings and imported ratings it learned from.
+    ``featurizers`` are those ``config.reward_model.feature_choices()`` names
+    (``optim.preference.reward_model.featurizer``); with several, the one the held-out groups favour is kept
+    (``fit_best``). The model's ``seen`` says which rankings and imported ratings it learned from.
     """
     images, comparisons, seen, modality_of = [], [], {"rankings": [], "imported_ratings": []}, {}
     ranked = store.groups_with_rankings()  # a fixed number of queries, however many groups
@@ -106,7 +107,7 @@ def fit_reward_model(store: Store, features, config: AmplifyConfig) -> RewardMod
     seen["imported_ratings"] = [row["id"] for row in imported]
     if not comparisons:
         return None
-    model = RewardModel.fit(images, comparisons, features, config.reward_model, modality_of=modality_of)
+    model = fit_best(images, comparisons, featurizers, config.reward_model, modality_of=modality_of)
     model.seen = seen
     return model
 

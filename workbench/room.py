@@ -191,7 +191,7 @@ class ControlRoom:
         progress = on_progress or (lambda fraction, what: None)
         with self.model_lock:
             progress(0.0, "fitting the reward model on the experts' rankings")
-            reward_model = fit_reward_model(self.store, self._features(amplify.reward_model), amplify)
+            reward_model = fit_reward_model(self.store, self._featurizers(amplify.reward_model), amplify)
             extra = {"reward_model": reward_model.metrics if reward_model else None, "ai_groups_skipped": 0,
                      "ai_groups_left_out": {}, "ai_weight": amplify.ai_weight,
                      "who": who}  # in the version's meta.json: a kill before record_update is put right at start-up
@@ -382,9 +382,9 @@ class ControlRoom:
         c = self.config
         return {"steps": c.steps, "guidance": c.guidance, "eta": c.eta}
 
-    def _features(self, config: RewardModelConfig):
-        """The reward model's featurizer over this room's generator and selector."""
-        return featurizer(config.features, policy=self.policy, selector=self.sampler.selector)
+    def _featurizers(self, config: RewardModelConfig) -> list:
+        """The reward model's featurizers over this room's generator and selector, one per feature set it may use."""
+        return [featurizer(name, policy=self.policy, selector=self.sampler.selector) for name in config.feature_choices()]
 
     def _store_ai_group(self, drawn: AIGroup, reward_model: RewardModel, weight: float) -> RankedGroup:
         """Store a group the reward model ranked (source "ai", its scores kept) and return it for training."""

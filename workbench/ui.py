@@ -369,7 +369,8 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                   f"\n\nReward model: {accuracy:.0%} of {model['heldout_pairs']} held-out pairs ordered as the experts did "
                   f"(each by a fit that did not see its group; {model['folds']}-fold cross-validation)"
                   + "".join(f"; {name} {m['accuracy']:.0%} of {m['pairs']}"
-                            for name, m in model.get("heldout_by_modality", {}).items()) + ".")
+                            for name, m in model.get("heldout_by_modality", {}).items()) + "."
+                  + features_text(model))
         checked = probe_text(result.metrics.get("probe"))
         return (f"**{result.version.id}** is now current: {result.message}{judged}{checked}" if result.applied
                 else f"**Refused.** {result.message}{judged}{checked}")
@@ -619,6 +620,18 @@ def experts_tab(page: Page) -> None:
 def _shown(value: float) -> float:
     """Four significant digits for a table: small KLs stay visible, long tails go."""
     return float(f"{value:.4g}")
+
+
+def features_text(model: dict) -> str:
+    """Which features the reward model read the images by, and, when it compared several, each one's held-out
+    accuracy (``optim.preference.reward_model.fit_best``); empty when it compared none."""
+    compared = model.get("features_compared") or {}
+    if len(compared) < 2 or compared[model["features"]] is None:  # nothing compared, or nothing held out
+        return ""
+    others = ", ".join(f"{name} {accuracy:.0%}" for name, accuracy in compared.items()
+                       if name != model["features"] and accuracy is not None)
+    return (f" It reads the images by their {model['features']} features, right on "
+            f"{compared[model['features']]:.0%} of the held-out pairs against {others}.")
 
 
 def probe_text(probe: dict | None) -> str:

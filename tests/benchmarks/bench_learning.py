@@ -192,9 +192,12 @@ def with_setting(config, key: str, value):
     return replace(config, **{name: with_setting(getattr(config, name), rest, value) if rest else value})
 
 
-def setting(text: str) -> tuple[str, int | float | str]:
-    """``key=value``: a whole number, a number, or a word (``train_window=random``)."""
+def setting(text: str) -> tuple[str, int | float | str | tuple]:
+    """``key=value``: a whole number, a number, a word (``train_window=random``), or words joined by commas, a tuple
+    (``amplify.reward_model.features=latents,pixels``)."""
     key, _, value = text.partition("=")
+    if "," in value:
+        return key, tuple(value.split(","))
     for kind in (int, float):
         try:
             return key, kind(value)

@@ -271,7 +271,7 @@ def test_learns_a_simulated_experts_preference_on_held_out_groups(policy):
     # groups tie throughout), so the contrast expert is left to the benchmark's generated groups.
     images, pairs = phantom_groups(32, "brightness")
     modality_of = {f"g{g}": MODALITIES[g % len(MODALITIES)] for g in range(32)}
-    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig(folds=4),
+    model = RewardModel.fit(images, pairs, featurizer("latents", policy=policy), RewardModelConfig("latents", folds=4),
                             modality_of=modality_of)
     metrics = model.metrics
     by_modality = metrics["heldout_by_modality"]

@@ -440,7 +440,7 @@ class RewardModel:
         many splits of one set); otherwise ``featurizer`` computes them. ``modality_of`` (a comparison's
         group -> its modality) adds the held-out accuracy per modality (``accuracy_by_modality``).
         """
-        config = config or RewardModelConfig()
+        config = config or RewardModelConfig(features=featurizer.name)
         config.check()
         if not isinstance(config.features, str):
             raise ValueError(f"fit takes one feature set, the config offers {list(config.features)}: fit_best "

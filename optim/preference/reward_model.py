@@ -553,7 +553,8 @@ def fit_best(images: Sequence, comparisons: Sequence[Comparison], featurizers: S
     Which features carry a preference depends on the preference: an expert who asks for more contrast is
     read best from grey-level statistics, one who cares where a lesion sits from the latents' layout. Held-out
     groups decide, as they decide whether the model may rank at all. The kept model's metrics list every feature
-    set's held-out accuracy (``features_compared``), so the choice is on the record. ``featurizers`` are those
+    set's held-out accuracy (``features_compared``), so the choice is on the record. The kept figure is the larger
+    of noisy estimates, so it reads a little high where the feature sets are close. ``featurizers`` are those
     ``config.feature_choices()`` names, in that order.
     """
     config = config or RewardModelConfig()

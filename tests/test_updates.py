@@ -261,9 +261,12 @@ def test_an_update_trains_a_seeded_subset_of_steps_and_records_the_seed(fresh, d
     assert len(set(map(tuple, plan))) > 1  # each group its own draw
     assert plan == update.trained_steps([ranked(drawn)] * 3, 0.5, torch.Generator().manual_seed(5), window="random")
     assert update.trained_steps([ranked(drawn)] * 2, 0.5, generator) == [[0, 1], [0, 1]]  # early: the first half
+    mixed = update.trained_steps([ranked(drawn)] * 8, 0.5, generator, window="mixed")
+    assert all(steps[:2] == [0, 1] and len(steps) == 3 and steps[2] in (2, 3) for steps in mixed)  # and one later
+    assert {steps[2] for steps in mixed} == {2, 3}  # drawn afresh for each group
     with pytest.raises(ValueError, match="train_fraction must be in"):
         update.trained_steps([ranked(drawn)], 0.0, generator)
-    with pytest.raises(ValueError, match="train_window must be one of early, random, got 'late'"):
+    with pytest.raises(ValueError, match="train_window must be one of early, random, mixed, got 'late'"):
         update.trained_steps([ranked(drawn)], 0.5, generator, window="late")
 
     first = apply_update(fresh, store, [ranked(drawn)], UpdateConfig(epochs=1, train_fraction=0.25))

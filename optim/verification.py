@@ -13,6 +13,10 @@ picks the better one or "same". A judgement's verdict names the winning VERSION 
   approximation collapses (10 of 10 would give [1, 1]). With half wins the count is not an
   integer; the formula takes the rate as it is.
 
+- Each version pair is tallied overall, per expert and per modality (read from the prompt's prefix):
+  an update can make one modality better and another worse (on the learning benchmark, GRPO lifted
+  the CTs' contrast and lowered the brain MRIs'), and an overall win-rate of 85% hides which.
+
 Pure functions over plain dicts: no model, no store.
 """
 
@@ -21,8 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from data.modalities import modality_of_prompt
+
 Z_95 = 1.96  # the normal quantile for a two-sided 95% interval
 VERDICTS = ("a", "b", "same")  # older won, newer won, no difference
+NO_MODALITY = "no modality"  # a prompt without a modality prefix (``CT: ...``)
 
 
 def wilson_interval(wins: float, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -61,15 +68,23 @@ def tally(verdicts: Iterable[str], z: float = Z_95) -> dict:
 
 def summarize(judgements: Iterable[dict], z: float = Z_95) -> list[dict]:
     """Per version pair (older ``version_a``, newer ``version_b``), in the order first judged: the
-    ``overall`` tally and one per expert (``per_expert``, by name).
+    ``overall`` tally, one per expert (``per_expert``, by name) and one per modality of the prompts
+    judged (``per_modality``, by name; ``NO_MODALITY`` for a prompt without a modality prefix).
 
-    Each judgement is a dict with ``version_a``, ``version_b``, ``verdict`` and ``expert``.
+    Each judgement is a dict with ``version_a``, ``version_b``, ``verdict``, ``expert`` and ``prompt``.
     """
-    pairs: dict[tuple[str, str], dict[str, list[str]]] = {}
+    pairs: dict[tuple[str, str], list[dict]] = {}
     for judgement in judgements:
-        experts = pairs.setdefault((judgement["version_a"], judgement["version_b"]), {})
-        experts.setdefault(judgement["expert"], []).append(judgement["verdict"])
-    return [{"version_a": a, "version_b": b,
-             "overall": tally([v for verdicts in experts.values() for v in verdicts], z),
-             "per_expert": {name: tally(verdicts, z) for name, verdicts in sorted(experts.items())}}
-            for (a, b), experts in pairs.items()]
+        pairs.setdefault((judgement["version_a"], judgement["version_b"]), []).append(judgement)
+    return [{"version_a": a, "version_b": b, "overall": tally([j["verdict"] for j in judged], z),
+             "per_expert": tallies(judged, lambda j: j["expert"], z),
+             "per_modality": tallies(judged, lambda j: modality_of_prompt(j["prompt"], known=None) or NO_MODALITY, z)}
+            for (a, b), judged in pairs.items()]
+
+
+def tallies(judgements: list[dict], key, z: float = Z_95) -> dict[str, dict]:
+    """One tally per value of ``key(judgement)``, sorted by that value."""
+    verdicts: dict[str, list[str]] = {}
+    for judgement in judgements:
+        verdicts.setdefault(key(judgement), []).append(judgement["verdict"])
+    return {name: tally(found, z) for name, found in sorted(verdicts.items())}

@@ -96,7 +96,7 @@ def test_log_in_generate_rank_with_the_keyboard_see_losses_verify_download(serve
             if key:  # focus is still on the tab: the arrows judge, they do not switch tabs
                 page.keyboard.press(key)
         page.click("#verify-results")
-        page.wait_for_function("() => /all experts\\s+3\\s/.test(document.getElementById('verify-table').innerText)")
+        page.wait_for_function("() => /all experts\\s+all\\s+3\\s/.test(document.getElementById('verify-table').innerText)")
         assert "v0 → v1" in page.inner_text("#verify-table")
         page.screenshot(path=str(SHOTS / "verify.png"), full_page=True)
 

@@ -12,12 +12,12 @@ from PIL import Image
 from data.export import pseudonym
 from data.phantoms import all_prompts
 from data.store import NewCandidate, Store, StoreError
-from optim.verification import summarize, tally, wilson_interval
+from optim.verification import NO_MODALITY, summarize, tally, wilson_interval
 from tests.conftest import PROMPT, nudged_version
 from workbench import ControlRoom, RoomConfig
 from workbench.api import RoomAPI
 from workbench.auth import Users, add_user
-from workbench.ui import serve
+from workbench.ui import ab_table, serve
 from workbench.verification import pair_versions
 
 CONFIG = RoomConfig(steps=4)
@@ -55,15 +55,26 @@ def test_same_counts_as_half_a_win_per_expert_and_overall():
     with pytest.raises(ValueError, match="verdicts are"):
         tally(["left"])
 
-    judged = [{"version_a": "v0", "version_b": "v1", "expert": "ann", "verdict": "b"},
-              {"version_a": "v1", "version_b": "v2", "expert": "ann", "verdict": "a"},
-              {"version_a": "v0", "version_b": "v1", "expert": "bob", "verdict": "same"},
-              {"version_a": "v0", "version_b": "v1", "expert": "ann", "verdict": "b"}]
+    ct, mri = "CT: axial slice of the abdomen", "MRI: axial slice of the brain"
+    judged = [{"version_a": "v0", "version_b": "v1", "expert": "ann", "verdict": "b", "prompt": ct},
+              {"version_a": "v1", "version_b": "v2", "expert": "ann", "verdict": "a", "prompt": "a brain, no prefix"},
+              {"version_a": "v0", "version_b": "v1", "expert": "bob", "verdict": "same", "prompt": mri},
+              {"version_a": "v0", "version_b": "v1", "expert": "ann", "verdict": "b", "prompt": mri}]
     first, second = summarize(judged)
     assert (first["version_a"], first["version_b"], second["version_a"]) == ("v0", "v1", "v1")
     assert first["overall"]["n"] == 3 and first["overall"]["win_rate"] == pytest.approx(2.5 / 3)
     assert {name: t["win_rate"] for name, t in first["per_expert"].items()} == {"ann": 1.0, "bob": 0.5}
+    # per modality, every expert's judgements together: the MRIs' "same" shows where the overall 83% hides it
+    assert {name: (t["n"], t["win_rate"]) for name, t in first["per_modality"].items()} == {"CT": (1, 1.0), "MRI": (2, 0.75)}
     assert second["overall"]["losses"] == 1 and second["overall"]["win_rate"] == 0.0
+    assert list(second["per_modality"]) == [NO_MODALITY]
+
+    table = ab_table([first, second])  # the Verify tab: each modality only where a pair has several
+    assert table[["versions", "expert", "modality", "judgements"]].values.tolist() == [
+        ["v0 → v1", "all experts", "all", 3], ["v0 → v1", "all experts", "CT", 1], ["v0 → v1", "all experts", "MRI", 2],
+        ["v0 → v1", "ann", "all", 2], ["v0 → v1", "bob", "all", 1], ["v1 → v2", "all experts", "all", 1],
+        ["v1 → v2", "ann", "all", 1]]
+    assert table["win-rate of newer"].tolist()[:3] == [0.833, 1.0, 0.75] and table["95% interval"][2] == "0.198 – 0.973"  # 1.5 of 2
 
 
 def test_the_versions_compared_default_to_the_current_one_and_its_parent_older_first():

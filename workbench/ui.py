@@ -518,16 +518,7 @@ def verify_tab(page: Page) -> None:
         return judge
 
     def results_view(name_value, level_value, request: gr.Request):
-        rows = []
-        for pair in api.ab_results(caller(request, name_value, level_value)):
-            versions = f"{pair['version_a']} → {pair['version_b']}"
-            for who_, counts in [("all experts", pair["overall"]), *pair["per_expert"].items()]:
-                rows.append({"versions": versions, "expert": who_, "judgements": counts["n"],
-                             "newer better": counts["wins"], "same": counts["same"], "older better": counts["losses"],
-                             "win-rate of newer": round(counts["win_rate"], 3),
-                             "95% interval": f"{counts['low']:.3f} – {counts['high']:.3f}"})
-        return pd.DataFrame(rows, columns=["versions", "expert", "judgements", "newer better", "same", "older better",
-                                           "win-rate of newer", "95% interval"])
+        return ab_table(api.ab_results(caller(request, name_value, level_value)))
 
     verifying, me = page.verifying, page.me
     verify_opened = tab.select(verify_versions, [verify_a, verify_b], [verify_a, verify_b], **QUICK)
@@ -620,6 +611,24 @@ def experts_tab(page: Page) -> None:
 def _shown(value: float) -> float:
     """Four significant digits for a table: small KLs stay visible, long tails go."""
     return float(f"{value:.4g}")
+
+
+def ab_table(results: list[dict]) -> pd.DataFrame:
+    """The Verify tab's results: per version pair, all experts, then each modality judged (only when there are
+    several: one would repeat the total), then each expert shown (``RoomAPI.ab_results``)."""
+    rows = []
+    for pair in results:
+        modalities = pair["per_modality"].items() if len(pair["per_modality"]) > 1 else []
+        for expert, modality, counts in [("all experts", "all", pair["overall"]),
+                                         *(("all experts", m, c) for m, c in modalities),
+                                         *((e, "all", c) for e, c in pair["per_expert"].items())]:
+            rows.append({"versions": f"{pair['version_a']} → {pair['version_b']}", "expert": expert,
+                         "modality": modality, "judgements": counts["n"], "newer better": counts["wins"],
+                         "same": counts["same"], "older better": counts["losses"],
+                         "win-rate of newer": round(counts["win_rate"], 3),
+                         "95% interval": f"{counts['low']:.3f} – {counts['high']:.3f}"})
+    return pd.DataFrame(rows, columns=["versions", "expert", "modality", "judgements", "newer better", "same",
+                                       "older better", "win-rate of newer", "95% interval"])
 
 
 def features_text(model: dict) -> str:

@@ -289,8 +289,8 @@ class ControlRoom:
 
     def ab_results(self) -> list[dict]:
         """Per version pair (older ``version_a``, newer ``version_b``): the newer version's wins, "same"
-        answers and losses, its win-rate ("same" as half a win) and Wilson 95% interval, overall and
-        per expert (``optim.verification.summarize``)."""
+        answers and losses, its win-rate ("same" as half a win) and Wilson 95% interval, overall, per
+        expert and per modality (``optim.verification.summarize``)."""
         return summarize(self.store.ab_judgements())
 
     # ------------------------------------------------------------------ browsing, data and settings

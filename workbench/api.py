@@ -142,7 +142,8 @@ class RoomAPI:
         return {"pair_id": pair_id, "stored": True}
 
     def ab_results(self, caller: Caller) -> list[dict]:
-        """Win-rates per version pair: overall and per modality, and per expert for admins; an expert sees only their own row."""
+        """Win-rates per version pair: overall and per modality, and per expert for admins; an expert sees only
+        their own row."""
         results = self.room.ab_results()
         if caller.is_admin:
             return results

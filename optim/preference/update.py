@@ -22,9 +22,9 @@ What one update trains, and why:
   steps, where a chain's global look (its contrast, its brightness) is decided, as Flow-GRPO's and
   MixGRPO's SDE windows do; ``"random"`` draws them afresh each update, as DDPO's
   ``timestep_fraction``; ``"mixed"`` trains the early window and half as many later steps drawn afresh
-  for each group and update (the README's table of reward-model features says what each did). On one update of six ranked groups (8 sampling steps) the preferred attribute
-  moved 0.33 sd with the early quarter, 0.17 +- 0.26 with a random quarter (its direction swung with
-  the draw), 1.10 with the early half, 0.52 with the late half (at eight times the KL) and 0.68 with
+  for each group and update (the README's table of reward-model features says what each did). On one
+  update of six ranked groups (8 sampling steps) the preferred attribute moved 0.33 sd with the early
+  quarter, 0.17 +- 0.26 with a random quarter (its direction swung with the draw), 1.10 with the early half, 0.52 with the late half (at eight times the KL) and 0.68 with
   every step: the late steps add noise, not signal. A LoRA acts on every step, whatever steps it was
   trained on, and the later steps are where it spends variety: on a brightness-trained version (the early
   half trained), its adapters on in the first 3 of 20 steps only moved the images 0.41 sd at 2% less
@@ -103,7 +103,7 @@ class UpdateConfig:
     weight_decay: float = 0.0
     kl_budget: float = 0.05  # largest mean step-kernel KL from the previous version (updates measured 1e-3 to 2e-2)
     train_fraction: float = 0.3  # share of each chain's denoising steps trained (at least one): 6 of 20
-    train_window: str = "early"  # which: "early" (the first, noisiest steps), "random" (a fresh draw per update) or "mixed"
+    train_window: str = "early"  # "early" (the first, noisiest steps), "random" (drawn per update) or "mixed" (both)
     # The trust region watches the trained steps of every group (for GRPO free with the training pass) and the
     # untrained steps of the first this many (the experts' come before AI groups): a forward pass each, and an
     # amplified update of 13 groups once spent a quarter of its 190 s of training in them when all were watched.
@@ -153,8 +153,9 @@ def trained_steps(groups: list[RankedGroup], fraction: float, generator: torch.G
         if window == "random":
             chosen = torch.randperm(len(scored), generator=generator)[:count].tolist()
         else:
-            later = count + torch.randperm(len(scored) - count, generator=generator) if window == "mixed" else []
-            chosen = list(range(count)) + [int(step) for step in later[:count // 2]]
+            chosen = list(range(count))
+            if window == "mixed":  # and half as many of the later steps, drawn afresh
+                chosen += (count + torch.randperm(len(scored) - count, generator=generator)[:count // 2]).tolist()
         plan.append(sorted(scored[i] for i in chosen))
     return plan
 

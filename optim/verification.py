@@ -23,7 +23,7 @@ Pure functions over plain dicts: no model, no store.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from data.modalities import modality_of_prompt
 
@@ -82,7 +82,7 @@ def summarize(judgements: Iterable[dict], z: float = Z_95) -> list[dict]:
             for (a, b), judged in pairs.items()]
 
 
-def tallies(judgements: list[dict], key, z: float = Z_95) -> dict[str, dict]:
+def tallies(judgements: list[dict], key: Callable[[dict], str], z: float = Z_95) -> dict[str, dict]:
     """One tally per value of ``key(judgement)``, sorted by that value."""
     verdicts: dict[str, list[str]] = {}
     for judgement in judgements:

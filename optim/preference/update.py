@@ -24,8 +24,9 @@ What one update trains, and why:
   ``timestep_fraction``; ``"mixed"`` trains the early window and half as many later steps drawn afresh
   for each group and update (the README's table of reward-model features says what each did). On one
   update of six ranked groups (8 sampling steps) the preferred attribute moved 0.33 sd with the early
-  quarter, 0.17 +- 0.26 with a random quarter (its direction swung with the draw), 1.10 with the early half, 0.52 with the late half (at eight times the KL) and 0.68 with
-  every step: the late steps add noise, not signal. A LoRA acts on every step, whatever steps it was
+  quarter, 0.17 +- 0.26 with a random quarter (its direction swung with the draw), 1.10 with the early
+  half, 0.52 with the late half (at eight times the KL) and 0.68 with every step: the late steps add
+  noise, not signal. A LoRA acts on every step, whatever steps it was
   trained on, and the later steps are where it spends variety: on a brightness-trained version (the early
   half trained), its adapters on in the first 3 of 20 steps only moved the images 0.41 sd at 2% less
   variety, on all 20 steps 0.83 sd at 20% less (``tests/benchmarks/bench_step_windows.py``). Hence the

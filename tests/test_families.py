@@ -88,6 +88,15 @@ def test_ratio_is_exactly_one_before_an_update_also_after_storage_and_regrouping
     assert torch.equal(policy.log_probs(regrouped), regrouped.log_probs)
 
 
+def test_step_std_is_the_std_each_step_is_drawn_and_scored_with(folders, family):
+    """GRPO's noise-aware step weighting reads a step's std from the schedule, without a network call."""
+    policy = Policy.load(folders[family])
+    trajectory = policy.sample(PROMPT, n=2, seed=3, **FAST).trajectory
+    stds = [policy.step_std(trajectory, j) for j in trajectory.scored_steps()]
+    assert stds == pytest.approx([policy.score_step(trajectory, j)[2] for j in trajectory.scored_steps()], rel=1e-6)
+    assert stds[0] > stds[-1] > 0  # the noise shrinks along the chain
+
+
 def test_one_grpo_step_raises_the_log_prob_of_the_positive_advantage_chain(folders, family, tmp_path):
     policy = Policy.load(folders[family])
     trajectory = policy.sample(PROMPT, n=3, seed=2, **FAST).trajectory

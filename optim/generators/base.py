@@ -287,6 +287,10 @@ class Generator(LoraAdapters):
         ``(x_prev, log_prob, mean, std)``; draws with ``noise`` or scores ``prev_sample``."""
         raise NotImplementedError
 
+    def step_std(self, chains: Trajectory, j: int) -> float:
+        """family: the std of step ``j``'s kernel in ``chains``, fixed by the schedule (``step`` returns the same)."""
+        raise NotImplementedError
+
     def latent_shape(self) -> tuple[int, ...]:
         """family: one candidate's latent shape (C, h, w)."""
         raise NotImplementedError

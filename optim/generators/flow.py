@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 
 from optim.generators.base import Generator
-from optim.generators.kernels import DEFAULT_NOISE_LEVEL, check_noise_level, flow_sde_step
+from optim.generators.kernels import DEFAULT_NOISE_LEVEL, check_noise_level, flow_sde_std, flow_sde_step
 from optim.trajectory import Condition, Trajectory
 
 TRAIN_GUIDANCE = 3.5  # FLUX-dev's distilled guidance for the DPO error
@@ -77,6 +77,10 @@ class FlowMatching(Generator):
         velocity = self.guided_velocity(latents, chains.timesteps[j].to(self.device), chains)
         return flow_sde_step(velocity, latents, float(sigmas[j]), float(sigmas[j + 1]), float(sigmas[1]), chains.noise_level,
                              noise=noise, prev_sample=prev_sample)
+
+    def step_std(self, chains: Trajectory, j: int) -> float:
+        sigmas = chains.sigmas
+        return flow_sde_std(float(sigmas[j]), float(sigmas[j + 1]), float(sigmas[1]), chains.noise_level)[1]
 
     def guided_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, chains: Trajectory) -> torch.Tensor:
         """family: the velocity the sampler follows at a step (guided as the model is), fp32."""

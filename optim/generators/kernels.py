@@ -83,6 +83,14 @@ def _draw_or_score(mean: torch.Tensor, std: float, noise, prev_sample):
     return x_prev, gaussian_log_prob(x_prev, mean, std)
 
 
+def ddim_std(alpha_t: float, alpha_prev: float, eta: float) -> float:
+    """The std of the stochastic DDIM step from cumulative alpha ``alpha_t`` to ``alpha_prev``: fixed by the schedule."""
+    if eta <= 0:
+        raise ValueError("eta must be > 0: with eta = 0 DDIM is deterministic and has no log-probability")
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    return eta * math.sqrt(max(variance, 0.0))
+
+
 def ddim_step(
     eps: torch.Tensor,
     x_t: torch.Tensor,
@@ -98,11 +106,8 @@ def ddim_step(
     stored transition (the re-evaluation GRPO needs). A zero-variance step (``a_prev = 1``) is
     deterministic: ``x_prev = mean``, std 0, log-prob 0.
     """
-    if eta <= 0:
-        raise ValueError("eta must be > 0: with eta = 0 DDIM is deterministic and has no log-probability")
+    std = ddim_std(alpha_t, alpha_prev, eta)
     pred_x0 = (x_t - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    std = eta * math.sqrt(max(variance, 0.0))
     direction = math.sqrt(max(1 - alpha_prev - std**2, 0.0)) * eps
     mean = math.sqrt(alpha_prev) * pred_x0 + direction
     x_prev, log_prob = _draw_or_score(mean, std, noise, prev_sample)  # std 0: set_alpha_to_one's last step

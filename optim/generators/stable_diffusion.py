@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from optim.generators.base import Generator
-from optim.generators.kernels import ddim_step, epsilon_from_output, step_alphas
+from optim.generators.kernels import ddim_std, ddim_step, epsilon_from_output, step_alphas
 from optim.trajectory import Condition, Trajectory
 
 
@@ -92,6 +92,10 @@ class StableDiffusion(Generator):
         eps = self.guided_epsilon(latents, t.to(self.device), chains.condition().to(self.device),
                                   chains.negative_condition().to(self.device), settings.guidance, alpha_t)
         return ddim_step(eps, latents, alpha_t, alpha_prev, settings.eta, noise=noise, prev_sample=prev_sample)
+
+    def step_std(self, chains: Trajectory, j: int) -> float:
+        alpha_t, alpha_prev = step_alphas(self.scheduler, int(chains.timesteps[j]), chains.settings.steps)
+        return ddim_std(alpha_t, alpha_prev, chains.settings.eta)
 
     def latent_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from optim.distributed import PolicyLoss, lora_digest, selector_passed
 from optim.preference.dpo import LOSS_TYPES, DPOConfig, dpo_terms
-from optim.preference.grpo import group_advantages, grpo_pass, grpo_step
+from optim.preference.grpo import group_advantages, grpo_pass, grpo_step, step_weigher
 from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.selector.model import GATES, Selector
 from optim.train_data import PickAPicPairs, RatingsPairs, collate_pairs, preference_pairs, read_prompts  # noqa: F401
@@ -236,7 +236,8 @@ class Trainer:
                 self.accelerator.backward(weight * terms.loss)
             return terms
 
-        metrics = grpo_pass([s.trajectory for s in samples], group_advantages(rewards, c.grpo), run_step)
+        metrics = grpo_pass([s.trajectory for s in samples], group_advantages(rewards, c.grpo), run_step,
+                            step_std=step_weigher(c.grpo, self.policy))
         return {**metrics, "reward": torch.cat(rewards).mean().item()}
 
     def save(self, stage: int, examples: int, history: list[dict]) -> None:

@@ -252,6 +252,33 @@ def test_grpo_weighs_each_group_by_its_experts_levels_spread_over_its_trained_st
     assert metrics["loss"] == pytest.approx(1.0)  # the weights sum to 1
 
 
+def test_noise_weighting_spreads_a_groups_weight_over_its_steps_by_their_std(drawn):
+    """Hand-worked: a level-3 group on steps with std 0.6 and 0.2, a level-1 group on one step: call weights
+    3/4 x 0.6/0.8 = 0.5625 and 3/4 x 0.2/0.8 = 0.1875, then 1/4 (evenly: 0.375 twice); a bad name is refused."""
+    senior, junior = ranked(drawn, level=3), ranked(drawn, level=1)
+    seen = []
+
+    def run_step(group, trajectory, step, rows, advantage, weight, last):
+        seen.append((step, weight))
+        zero = torch.zeros(4)
+        return grpo.GRPOStepTerms(torch.tensor(1.0), torch.ones(4), zero, zero.bool(), torch.tensor(0.0), zero, 1.0)
+
+    stds = {0: 0.6, 1: 0.3, 2: 0.2}
+    advantages = group_advantages([senior.rewards(), junior.rewards()])
+    grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]],
+                   step_std=lambda trajectory, step: stds[step])
+    assert seen == [(0, pytest.approx(0.5625)), (2, pytest.approx(0.1875)), (1, pytest.approx(0.25))]
+
+    class Schedule:  # what step_weigher asks a policy for
+        def step_std(self, trajectory, step):
+            return stds[step]
+
+    assert grpo.step_weigher(grpo.GRPOConfig(step_weighting="noise"), Schedule())(drawn, 2) == 0.2
+    assert grpo.step_weigher(grpo.GRPOConfig(step_weighting="uniform"), Schedule()) is None
+    with pytest.raises(ValueError, match="step_weighting must be one of uniform, noise, got 'sigma'"):
+        grpo.step_weigher(grpo.GRPOConfig(step_weighting="sigma"), Schedule())
+
+
 def test_an_update_trains_a_seeded_subset_of_steps_and_records_the_seed(fresh, drawn, tmp_path):
     store = VersionStore(tmp_path / "versions")
     fresh.open_versions(store)

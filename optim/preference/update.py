@@ -84,7 +84,7 @@ from optim.policy import Policy
 from optim.preference.dpo import DPOConfig, NoiseDraws, dpo_terms, implicit_accuracy
 from optim.preference.groups import RankedGroup
 from optim.preference.grpo import (GRPOConfig, group_advantages, grpo_pass, grpo_step, micro_batches,
-                                   reference_kernel_mean)
+                                   reference_kernel_mean, step_weigher)
 from optim.trajectory import Condition
 from optim.versions import Version, VersionStore
 
@@ -207,7 +207,7 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
         return terms
 
     return grpo_pass([g.trajectory for g in groups], advantages, run_step, [g.weight() for g in groups], plan,
-                     config.micro_batch)
+                     config.micro_batch, step_weigher(config.grpo, policy))
 
 
 def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, Condition, torch.Tensor]:

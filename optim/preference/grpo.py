@@ -40,7 +40,7 @@ class GRPOConfig:
     scale_rewards: str = "group"  # "group" | "batch" | "none", as TRL's GRPOTrainer
     advantage_clip: float = 5.0
     eps: float = 1e-4
-    step_weighting: str = "noise"  # "noise" | "uniform": a group's weight spread over its steps by their std, or evenly
+    step_weighting: str = "uniform"  # "uniform" | "noise": how a group's weight is spread over its trained steps
 
 
 def group_advantages(rewards: list[torch.Tensor], config: GRPOConfig = GRPOConfig()) -> list[torch.Tensor]:

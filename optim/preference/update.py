@@ -18,13 +18,11 @@ What one update trains, and why:
   3 + 2 groups a step moved the images +1.77 sd (win-rate 98%) against +1.37 (88%) with one step;
 
 - a subset of each chain's denoising steps (``train_fraction``): the cost of a GRPO step is linear in
-  the steps trained. ``train_window`` says which: ``"early"`` trains the first, noisiest steps, where a
-  chain's global look (its contrast, its brightness) is decided, as Flow-GRPO's and MixGRPO's SDE
-  windows do; ``"random"`` draws them afresh each update, as DDPO's ``timestep_fraction``; ``"mixed"``
-  (the default) trains the early window and half as many later steps drawn afresh for each group and
-  update, with GRPO's ``step_weighting="noise"`` so that the later steps, whose narrow kernels give
-  them ten times the gradient, do not drown the early ones (the README's table of reward-model
-  features says what each did: the early window alone moved one expert's brain MRIs the wrong way). On one
+  the steps trained. ``train_window`` says which: ``"early"`` (the default) trains the first, noisiest
+  steps, where a chain's global look (its contrast, its brightness) is decided, as Flow-GRPO's and
+  MixGRPO's SDE windows do; ``"random"`` draws them afresh each update, as DDPO's
+  ``timestep_fraction``; ``"mixed"`` trains the early window and half as many later steps drawn afresh
+  for each group and update (the README's table of reward-model features says what each did). On one
   update of six ranked groups (8 sampling steps) the preferred attribute moved 0.33 sd with the early
   quarter, 0.17 +- 0.26 with a random quarter (its direction swung with the draw), 1.10 with the early
   half, 0.52 with the late half (at eight times the KL) and 0.68 with every step: the late steps add
@@ -32,8 +30,8 @@ What one update trains, and why:
   trained on, and the later steps are where it spends variety: on a brightness-trained version (the early
   half trained), its adapters on in the first 3 of 20 steps only moved the images 0.41 sd at 2% less
   variety, on all 20 steps 0.83 sd at 20% less (``tests/benchmarks/bench_step_windows.py``). Hence the
-  30% (6 of 20 steps, and 3 later ones), with GRPO's KL weight 0.07: on 30 groups the early 30% moved as
-  far as the early half at 0.1, at about half the loss of variety (the README's sweep);
+  early 30% (6 of 20 steps), with GRPO's KL weight 0.07: on 30 groups as far as the early half at 0.1, at
+  about half the loss of variety (the README's sweep);
 - each group weighs its experts' levels (``RankedGroup.weight``): a level-3 expert's group counts three
   times a level-1 expert's, in GRPO as in DPO's pairs; AI-ranked groups weigh the configured AI weight;
 - a fresh seed per update (unless ``seed`` is given) for the trained steps and DPO's timesteps and
@@ -106,7 +104,7 @@ class UpdateConfig:
     weight_decay: float = 0.0
     kl_budget: float = 0.05  # largest mean step-kernel KL from the previous version (updates measured 1e-3 to 2e-2)
     train_fraction: float = 0.3  # share of each chain's denoising steps trained (at least one): 6 of 20
-    train_window: str = "mixed"  # "early" (the first, noisiest steps), "random" (drawn per update) or "mixed" (both)
+    train_window: str = "early"  # "early" (the first, noisiest steps), "random" (drawn per update) or "mixed" (both)
     # The trust region watches the trained steps of every group (for GRPO free with the training pass) and the
     # untrained steps of the first this many (the experts' come before AI groups): a forward pass each, and an
     # amplified update of 13 groups once spent a quarter of its 190 s of training in them when all were watched.

@@ -122,8 +122,10 @@ def step_weigher(config: GRPOConfig, policy: Policy) -> Callable[[Trajectory, in
     std^2``, and ``x - mean`` is ``std`` times the noise drawn), so with equal weights the steps near the end,
     where the std is smallest, dominate the gradient though their noise decides little of the image. On the
     embedded model (20 DDIM steps) one GRPO group's adapter gradient was about 0.01 at each of the first 17
-    steps and 0.1 at the 19th (std 0.04 against 0.64 at the first). Weighed by the std, each step's gradient
-    is the size of what the network's output moves at that step (TempFlow-GRPO's noise-aware weighting).
+    steps and 0.1 at the 19th (std 0.04 against 0.64 at the first; ``tests/benchmarks/bench_step_gradients.py``);
+    weighed by the std, 0.006-0.019 at every step but the last (TempFlow-GRPO's noise-aware weighting).
+    "uniform" stays the default: over the early window that updates train the stds differ by a quarter,
+    and with later steps in the window the weighting did not steadily help (the README's sweep).
     """
     if config.step_weighting not in STEP_WEIGHTINGS:
         raise ValueError(f"step_weighting must be one of {', '.join(STEP_WEIGHTINGS)}, got {config.step_weighting!r}")

@@ -22,6 +22,8 @@ selector passes against the caption, so the last epochs learn from images an exp
 GRPO with AI feedback (``--algorithm grpo``): each prompt's group is sampled from the current policy, the
 selector scores it (quality if passed, 0 if rejected), and one optimizer step covers every stored step of
 the batch's groups (fresh samples: the ratio is 1, the clip idle; the KL term holds the policy near the reference).
+Every step trained means the last, narrowest steps carry most of the gradient unless ``--step-weighting noise``
+weighs each step by its kernel std (``optim.preference.grpo.step_weigher``).
 
 Precision: ``--dtype`` (bf16, fp16, fp32) sets the frozen networks' dtype; without it, a launch with
 ``--mixed_precision bf16`` or ``fp16`` picks that dtype, else the policy's default (half on a GPU, fp32 on
@@ -45,7 +47,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +59,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from optim.distributed import PolicyLoss, lora_digest, selector_passed
 from optim.preference.dpo import LOSS_TYPES, DPOConfig, dpo_terms
-from optim.preference.grpo import group_advantages, grpo_pass, grpo_step, step_weigher
+from optim.preference.grpo import STEP_WEIGHTINGS, group_advantages, grpo_pass, grpo_step, step_weigher
 from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.selector.model import GATES, Selector
 from optim.train_data import PickAPicPairs, RatingsPairs, collate_pairs, preference_pairs, read_prompts  # noqa: F401
@@ -298,13 +300,18 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--group-size", type=int, default=d.group_size, help="grpo: candidates per prompt")
     parser.add_argument("--steps", type=int, default=d.steps, help="grpo: sampling steps")
     parser.add_argument("--guidance", type=float, default=d.guidance, help="grpo: guidance while sampling")
+    parser.add_argument("--step-weighting", choices=STEP_WEIGHTINGS, default=d.grpo.step_weighting,
+                        help="grpo: spread each group's weight over the denoising steps evenly, or by each step's "
+                             "noise std (every step is trained here, and unweighted the last, narrowest ones "
+                             "carry most of the gradient)")
     parser.add_argument("--report-to", choices=TRACKERS, default=d.report_to)
     parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype,
                         help="frozen networks' precision (default: the launch's --mixed_precision, else bf16/fp16 on a GPU, "
                              "fp32 on a CPU)")
     args = vars(parser.parse_args(argv))
     dpo = DPOConfig(beta=args.pop("beta"), loss_type=args.pop("loss_type"))
-    return TrainConfig(**args, dpo=dpo)
+    grpo = replace(d.grpo, step_weighting=args.pop("step_weighting"))
+    return TrainConfig(**args, dpo=dpo, grpo=grpo)
 
 
 def main(argv=None) -> int:

@@ -81,9 +81,11 @@ def test_pick_a_pic_pairs_drop_ties_and_follow_the_labels(tmp_path):
 
 
 def test_command_line_options_fill_the_config():
-    config = parse_args(["--data", "p.parquet", "--beta", "2500", "--loss-type", "hinge", "--two-stage", "--batch-size", "2"])
-    chosen = (config.data, config.dpo.beta, config.dpo.loss_type, config.two_stage, config.batch_size)
-    assert chosen == ("p.parquet", 2500, "hinge", True, 2)
+    config = parse_args(["--data", "p.parquet", "--beta", "2500", "--loss-type", "hinge", "--two-stage", "--batch-size", "2",
+                         "--step-weighting", "noise"])
+    chosen = (config.data, config.dpo.beta, config.dpo.loss_type, config.two_stage, config.batch_size, config.grpo.step_weighting)
+    assert chosen == ("p.parquet", 2500, "hinge", True, 2, "noise")
+    assert parse_args(["--data", "p.parquet"]).grpo.step_weighting == "uniform"
     with pytest.raises(ValueError, match="needs --prompts"):
         train(TrainConfig(algorithm="grpo"))
 

@@ -268,6 +268,9 @@ def test_noise_weighting_spreads_a_groups_weight_over_its_steps_by_their_std(dra
     grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]],
                    step_std=lambda trajectory, step: stds[step])
     assert seen == [(0, pytest.approx(0.5625)), (2, pytest.approx(0.1875)), (1, pytest.approx(0.25))]
+    seen.clear()
+    grpo.grpo_pass([drawn, drawn], advantages, run_step, [senior.weight(), junior.weight()], [[0, 2], [1]])
+    assert seen == [(0, pytest.approx(0.375)), (2, pytest.approx(0.375)), (1, pytest.approx(0.25))]
 
     class Schedule:  # what step_weigher asks a policy for
         def step_std(self, trajectory, step):

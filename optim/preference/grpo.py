@@ -121,9 +121,9 @@ def step_weigher(config: GRPOConfig, policy: Policy) -> Callable[[Trajectory, in
     Why the std: a step's log-probability gradient carries ``1 / std`` (``d log_prob / d mean = (x - mean) /
     std^2``, and ``x - mean`` is ``std`` times the noise drawn), so with equal weights the steps near the end,
     where the std is smallest, dominate the gradient though their noise decides little of the image. On the
-    embedded model (20 DDIM steps) one GRPO group's adapter gradient was about 0.01 at each of the first 17
-    steps and 0.1 at the 19th (std 0.04 against 0.64 at the first; ``tests/benchmarks/bench_step_gradients.py``);
-    weighed by the std, 0.006-0.019 at every step but the last (TempFlow-GRPO's noise-aware weighting).
+    embedded model (20 DDIM steps) a GRPO group's adapter gradient was 0.005-0.017 at each of the first 18
+    steps and 0.07-0.11 at the 19th (std 0.04 against 0.64 at the first; ``tests/benchmarks/bench_step_gradients.py``);
+    weighed by the std, 0.005-0.019 at every step but the last (TempFlow-GRPO's noise-aware weighting).
     "uniform" stays the default: over the early window that updates train the stds differ by a quarter,
     and with later steps in the window the weighting did not steadily help (the README's sweep).
     """

@@ -26,10 +26,12 @@ For each expert and algorithm, starting from the embedded default model each tim
         blind A/B counts, since an expert who reads brain MRI sees the MRI samples, not the mean.
 Targets (issue 10): effect size >= 1.0 with amplification and >= 0.5 without, win-rate >= 90%, pass
 rate down at most 5 points, diversity down at most 20%, reward model accuracy >= 80%, an update
-(reward model, AI groups, training) within 3 minutes on this 2-core CPU.
+(reward model, AI groups, training) within 3 minutes on this 2-core CPU. Each update draws a fresh seed, and
+GRPO's figures near those lines have passed in one run and missed in the next at the same settings, so
+``--repeats N`` runs each setting N times and prints the mean and range.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
-        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--set learning_rate=1e-3 grpo.clip_range=0.2 amplify.tie_probability=0.9 ...]
+        [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--repeats 3] [--set learning_rate=1e-3 grpo.clip_range=0.2 amplify.tie_probability=0.9 ...]
 """
 
 import argparse
@@ -222,6 +224,8 @@ def main() -> None:
                         help="UpdateConfig fields to override, e.g. learning_rate=1e-3 grpo.clip_range=0.2, and the room's "
                              "AmplifyConfig's as amplify.ai_weight=3 or amplify.reward_model.features=pixels "
                              "(default: the room's)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each setting (every update draws a fresh seed, so runs differ), then their range")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     args.settings = dict(args.settings)
@@ -229,30 +233,54 @@ def main() -> None:
     prompts = all_prompts()
     results = []
     for expert, algorithm, ai_groups in itertools.product(args.experts, args.algorithms, args.ai_groups):
-        started = time.perf_counter()
-        r = run(expert, algorithm, ai_groups, args, prompts)
-        r["wall_time_s"] = time.perf_counter() - started
-        results.append(r)
-        accuracy = "-" if r["reward_model_accuracy"] is None else f"{r['reward_model_accuracy']:.0%}"
-        print(f"{expert} {algorithm} ai={ai_groups}: score {r['score_base']:.4f} -> {r['score_final']:.4f}, "
-              f"effect size {r['effect_size']:+.2f} (within prompt {r['effect_size_within_prompt']:+.2f}), "
-              f"win-rate {r['win_rate']:.0%} (blind A/B {r['blind_ab']['win_rate']:.0%}, 95% "
-              f"{r['blind_ab']['low']:.0%}-{r['blind_ab']['high']:.0%}: {r['blind_ab']['wins']} better, "
-              f"{r['blind_ab']['same']} same, {r['blind_ab']['losses']} worse), pass rate {r['pass_rate_base']:.0%} -> {r['pass_rate_final']:.0%}, "
-              f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
-              f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
-              flush=True)
-        if r["ai_pairs"]["alike"] + r["ai_pairs"]["tied"] + r["ai_pairs"]["reversed"]:
-            a = r["ai_pairs"]
-            print(f"  AI groups: of the expert's strict pairs the reward model ordered {a['alike']} alike, tied "
-                  f"{a['tied']}, reversed {a['reversed']}; of the expert's {a['expert_ties']} ties it tied "
-                  f"{a['both_tied']}", flush=True)
-        for modality, m in r["by_modality"].items():
-            print(f"  {modality} ({m['samples']} samples): effect size {m['effect_size']:+.2f}, win-rate "
-                  f"{m['win_rate']:.0%}, blind A/B {m['blind_ab']['wins']} better, {m['blind_ab']['same']} same, "
-                  f"{m['blind_ab']['losses']} worse", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+        runs = []
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            r = run(expert, algorithm, ai_groups, args, prompts)
+            r["wall_time_s"], r["repeat"] = time.perf_counter() - started, repeat
+            runs.append(r)
+            report(r)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results + runs, indent=2))
+        if len(runs) > 1:
+            report_runs(runs)
+        results += runs
+
+
+def report(r: dict) -> None:
+    """One run's figures, overall, for the AI groups and per modality."""
+    accuracy = "-" if r["reward_model_accuracy"] is None else f"{r['reward_model_accuracy']:.0%}"
+    print(f"{r['expert']} {r['algorithm']} ai={r['ai_groups_per_update']}: score {r['score_base']:.4f} -> {r['score_final']:.4f}, "
+          f"effect size {r['effect_size']:+.2f} (within prompt {r['effect_size_within_prompt']:+.2f}), "
+          f"win-rate {r['win_rate']:.0%} (blind A/B {r['blind_ab']['win_rate']:.0%}, 95% "
+          f"{r['blind_ab']['low']:.0%}-{r['blind_ab']['high']:.0%}: {r['blind_ab']['wins']} better, "
+          f"{r['blind_ab']['same']} same, {r['blind_ab']['losses']} worse), pass rate {r['pass_rate_base']:.0%} -> {r['pass_rate_final']:.0%}, "
+          f"diversity {r['diversity_base']:.4f} -> {r['diversity_final']:.4f}, KL {r['kl_final_from_base']:.3g}, "
+          f"reward model {accuracy}, {r['seconds_per_update']:.0f} s per update, {r['wall_time_s']:.0f} s in all",
+          flush=True)
+    if r["ai_pairs"]["alike"] + r["ai_pairs"]["tied"] + r["ai_pairs"]["reversed"]:
+        a = r["ai_pairs"]
+        print(f"  AI groups: of the expert's strict pairs the reward model ordered {a['alike']} alike, tied "
+              f"{a['tied']}, reversed {a['reversed']}; of the expert's {a['expert_ties']} ties it tied "
+              f"{a['both_tied']}", flush=True)
+    for modality, m in r["by_modality"].items():
+        print(f"  {modality} ({m['samples']} samples): effect size {m['effect_size']:+.2f}, win-rate "
+              f"{m['win_rate']:.0%}, blind A/B {m['blind_ab']['wins']} better, {m['blind_ab']['same']} same, "
+              f"{m['blind_ab']['losses']} worse", flush=True)
+
+
+def report_runs(runs: list[dict]) -> None:
+    """The spread of one setting's runs: a target near its line is met or missed by the seeds as much as the setting."""
+    def spread(values, form) -> str:
+        return f"mean {form(float(np.mean(values)))} ({form(min(values))} to {form(max(values))})"
+
+    r = runs[0]
+    drops = [100 * (x["pass_rate_base"] - x["pass_rate_final"]) for x in runs]
+    diversity_changes = [x["diversity_final"] / x["diversity_base"] - 1 for x in runs]
+    print(f"{r['expert']} {r['algorithm']} ai={r['ai_groups_per_update']}, {len(runs)} runs: effect size "
+          f"{spread([x['effect_size'] for x in runs], '{:+.2f}'.format)}, win-rate "
+          f"{spread([x['win_rate'] for x in runs], '{:.0%}'.format)}, pass rate down "
+          f"{spread(drops, '{:.0f}'.format)} points, diversity {spread(diversity_changes, '{:+.0%}'.format)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,10 @@ def step_gradient_norms(policy, group: RankedGroup, config: UpdateConfig) -> lis
     """The adapters' gradient norm when GRPO trains each scored step of the group alone."""
     parameters, norms = policy.lora_parameters(), []
     for step in group.trajectory.scored_steps():
+        grpo_backward(policy, [group], config, plan=[[step]])
+        norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])))
         for p in parameters:
             p.grad = None
-        grpo_backward(policy, [group], config, plan=[[step]])
-        norms.append(float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in parameters if p.grad is not None))))
-    for p in parameters:
-        p.grad = None
     return norms
 
 

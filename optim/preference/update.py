@@ -74,11 +74,13 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from data.modalities import modality_of_prompt
 from optim.logprob import gaussian_kl
 from optim.policy import Policy
 from optim.preference.dpo import DPOConfig, NoiseDraws, dpo_terms, implicit_accuracy
@@ -114,6 +116,8 @@ class UpdateConfig:
     # keeps an update near 9 GiB in bf16 and under 20 GiB in fp32, whatever the number of groups.
     micro_batch: int = 8
     seed: int | None = None  # trained steps and DPO's timesteps and noise; None: a fresh seed per update
+    # GRPO: each modality's groups weigh alike in all, whatever their number (``modality_balance``)
+    balance_modalities: bool = False
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
@@ -206,8 +210,20 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
             kernels[key] = (terms.mean, terms.std)
         return terms
 
-    return grpo_pass([g.trajectory for g in groups], advantages, run_step, [g.weight() for g in groups], plan,
+    weights = [g.weight() for g in groups]
+    if config.balance_modalities:
+        weights = [w * b for w, b in zip(weights, modality_balance(groups))]
+    return grpo_pass([g.trajectory for g in groups], advantages, run_step, weights, plan,
                      config.micro_batch, step_weigher(config.grpo, policy))
+
+
+def modality_balance(groups: list[RankedGroup]) -> list[float]:
+    """Each group's factor that gives every modality among ``groups`` (read from the prompt's prefix) the same
+    share of the update, ``len(groups) / (modalities * groups of its modality)``: experts who rank 18 CTs and
+    5 brain MRIs still teach the adapters, which act on every prompt, about MRIs."""
+    modalities = [modality_of_prompt(g.trajectory.prompt, known=None) or "no modality" for g in groups]
+    counts = Counter(modalities)
+    return [len(groups) / (len(counts) * counts[m]) for m in modalities]
 
 
 def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, Condition, torch.Tensor]:

@@ -73,7 +73,7 @@ TRACKERS = ("tensorboard", "wandb", "none")
 #: one optimizer step per batch for its epochs (batch_size pairs or prompts per process), trains every
 #: stored step of a GRPO group, and has no trust region.
 IN_PROCESS_ONLY = ("groups_per_step", "min_steps_per_pass", "kl_budget", "train_fraction", "train_window", "kl_groups",
-                   "micro_batch")
+                   "micro_batch", "balance_modalities")
 
 
 # ---------------------------------------------------------------------- settings

@@ -1,5 +1,6 @@
 """GRPO and Diffusion-DPO on the embedded generator: hand-worked numbers, one-step effects, update guards."""
 
+import dataclasses
 import math
 
 import pytest
@@ -328,3 +329,21 @@ def test_the_trust_region_keeps_the_last_step_within_the_kl_budget(fresh, drawn,
     assert result.applied and result.metrics["optimizer_steps_taken"] == kept and result.metrics["stopped_by_kl_budget"]
     assert result.metrics["kl_from_previous"] == pytest.approx(kls[kept])
     assert f"stopped after {kept} of 3 steps: the next would cross the KL budget" in result.message
+
+
+def test_balanced_modalities_give_each_modality_the_same_share_of_an_update(drawn, monkeypatch):
+    """Hand-worked: three CT groups, one brain MRI and one chest X-ray group: 5 / (3 modalities x 3 CTs) = 5/9
+    each CT group, 5 / 3 each other; GRPO's group weights are the levels times these, and plain levels without
+    ``balance_modalities``."""
+    def group(prompt):
+        return RankedGroup(prompt, IDS, dataclasses.replace(drawn, prompt=prompt), [([["c0"], ["c1", "c2", "c3"]], 3)])
+
+    groups = [group("CT: abdomen"), group("MRI: axial brain"), group("CT: liver"), group("chest X-ray: PA view"),
+              group("CT: kidneys")]
+    assert update.modality_balance(groups) == pytest.approx([5 / 9, 5 / 3, 5 / 9, 5 / 3, 5 / 9])
+    seen = {}
+    monkeypatch.setattr(update, "grpo_pass", lambda trajectories, advantages, run_step, weights, *rest: seen.update(w=weights))
+    grpo_backward(None, groups, UpdateConfig(balance_modalities=True))
+    assert seen["w"] == pytest.approx([3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9])  # each modality 5 in all
+    grpo_backward(None, groups, UpdateConfig())
+    assert seen["w"] == [3.0] * 5

@@ -34,6 +34,9 @@ What one update trains, and why:
   about half the loss of variety (the README's sweep);
 - each group weighs its experts' levels (``RankedGroup.weight``): a level-3 expert's group counts three
   times a level-1 expert's, in GRPO as in DPO's pairs; AI-ranked groups weigh the configured AI weight;
+  with ``balance_modalities`` GRPO also gives each modality among the update's groups the same share (the
+  README's sweep: without AI groups it kept the contrast expert's brain MRIs in both runs, with them it lost
+  8 of 12 in both; off by default);
 - a fresh seed per update (unless ``seed`` is given) for the trained steps and DPO's timesteps and
   noise, recorded in the version's metrics.
 
@@ -116,7 +119,7 @@ class UpdateConfig:
     # keeps an update near 9 GiB in bf16 and under 20 GiB in fp32, whatever the number of groups.
     micro_batch: int = 8
     seed: int | None = None  # trained steps and DPO's timesteps and noise; None: a fresh seed per update
-    # GRPO: each modality's groups weigh alike in all, whatever their number (``modality_balance``)
+    # GRPO: each modality's groups weigh alike in all, whatever their number (``modality_balance``; the README's sweep)
     balance_modalities: bool = False
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

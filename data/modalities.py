@@ -97,3 +97,9 @@ def modality_of_prompt(prompt: str, known: Iterable[str] | None = MODALITIES) ->
         return None
     name = modality_name(head)
     return name if known is None or name in set(known) else None
+
+
+def prompt_modality(prompt: str) -> str:
+    """The modality a prompt names by its prefix (a host's own modalities too), or "no modality": what the
+    reward model's held-out accuracy and GRPO's balanced weights group prompts by."""
+    return modality_of_prompt(prompt, known=None) or "no modality"

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from data.modalities import modality_of_prompt
+from data.modalities import prompt_modality
 from data.store import Store
 from optim.preference.reward_model import (RewardModel, RewardModelConfig, comparisons_from_rankings,
                                            comparisons_from_ratings, confident_tiers, ensemble_agreement, fit_best)
@@ -110,11 +110,6 @@ def fit_reward_model(store: Store, featurizers: list, config: AmplifyConfig) -> 
     model = fit_best(images, comparisons, featurizers, config.reward_model, modality_of=modality_of)
     model.seen = seen
     return model
-
-
-def prompt_modality(prompt: str) -> str:
-    """The modality a prompt names by its prefix (a host's own modalities too), or "no modality"."""
-    return modality_of_prompt(prompt, known=None) or "no modality"
 
 
 def prompts_the_model_can_rank(prompts: list[str], heldout_by_modality: dict[str, dict], min_accuracy: float

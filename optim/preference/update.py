@@ -77,13 +77,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections import Counter
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from data.modalities import modality_of_prompt
+from data.modalities import prompt_modality
 from optim.logprob import gaussian_kl
 from optim.policy import Policy
 from optim.preference.dpo import DPOConfig, NoiseDraws, dpo_terms, implicit_accuracy
@@ -222,9 +222,9 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
 
 def modality_balance(groups: list[RankedGroup]) -> list[float]:
     """Each group's factor that gives every modality among ``groups`` (read from the prompt's prefix) the same
-    share of the update, ``len(groups) / (modalities * groups of its modality)``: experts who rank 18 CTs and
-    5 brain MRIs still teach the adapters, which act on every prompt, about MRIs."""
-    modalities = [modality_of_prompt(g.trajectory.prompt, known=None) or "no modality" for g in groups]
+    share of the update, ``len(groups) / (modalities * groups of its modality)``: experts who rank four CTs for
+    every brain MRI still teach the adapters, which act on every prompt, as much about MRIs as about CTs."""
+    modalities = [prompt_modality(g.trajectory.prompt) for g in groups]
     counts = Counter(modalities)
     return [len(groups) / (len(counts) * counts[m]) for m in modalities]
 

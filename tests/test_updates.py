@@ -8,7 +8,7 @@ import torch
 
 from optim.preference import grpo, update
 from optim.preference.dpo import DPOConfig
-from optim.preference.groups import RankedGroup
+from optim.preference.groups import AIRanking, RankedGroup
 from optim.preference.grpo import GRPOConfig, group_advantages
 from optim.preference.losses import group_losses
 from optim.preference.rewards import RankingError
@@ -331,19 +331,20 @@ def test_the_trust_region_keeps_the_last_step_within_the_kl_budget(fresh, drawn,
     assert f"stopped after {kept} of 3 steps: the next would cross the KL budget" in result.message
 
 
-def test_balanced_modalities_give_each_modality_the_same_share_of_an_update(drawn, monkeypatch):
-    """Hand-worked: three CT groups, one brain MRI and one chest X-ray group: 5 / (3 modalities x 3 CTs) = 5/9
-    each CT group, 5 / 3 each other; GRPO's group weights are the levels times these, and plain levels without
-    ``balance_modalities``."""
-    def group(prompt):
-        return RankedGroup(prompt, IDS, dataclasses.replace(drawn, prompt=prompt), [([["c0"], ["c1", "c2", "c3"]], 3)])
+def test_balanced_modalities_give_each_modality_the_same_share_of_the_experts_groups(drawn, monkeypatch):
+    """Hand-worked: three CT groups, one brain MRI and one chest X-ray group ranked by experts: 5 / (3 modalities
+    x 3 CTs) = 5/9 each CT group, 5 / 3 each other; an AI-ranked CT group keeps factor 1. GRPO's group weights
+    are the levels (the AI weight) times these, and plain levels without ``balance_modalities``."""
+    def group(prompt, ai=None):
+        return RankedGroup(prompt, IDS, dataclasses.replace(drawn, prompt=prompt),
+                           [] if ai else [([["c0"], ["c1", "c2", "c3"]], 3)], ai=ai)
 
     groups = [group("CT: abdomen"), group("MRI: axial brain"), group("CT: liver"), group("chest X-ray: PA view"),
-              group("CT: kidneys")]
-    assert update.modality_balance(groups) == pytest.approx([5 / 9, 5 / 3, 5 / 9, 5 / 3, 5 / 9])
+              group("CT: kidneys"), group("CT: spleen", AIRanking([0.3, 0.1, 0.2, 0.0], 1.0, 1.5, [[0], [2], [1], [3]]))]
+    assert update.modality_balance(groups) == pytest.approx([5 / 9, 5 / 3, 5 / 9, 5 / 3, 5 / 9, 1.0])
     seen = {}
     monkeypatch.setattr(update, "grpo_pass", lambda trajectories, advantages, run_step, weights, *rest: seen.update(w=weights))
     grpo_backward(None, groups, UpdateConfig(balance_modalities=True))
-    assert seen["w"] == pytest.approx([3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9])  # each modality 5 in all
+    assert seen["w"] == pytest.approx([3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 1.5])  # each modality 5
     grpo_backward(None, groups, UpdateConfig())
-    assert seen["w"] == [3.0] * 5
+    assert seen["w"] == [3.0] * 5 + [1.5]

@@ -34,9 +34,8 @@ What one update trains, and why:
   about half the loss of variety (the README's sweep);
 - each group weighs its experts' levels (``RankedGroup.weight``): a level-3 expert's group counts three
   times a level-1 expert's, in GRPO as in DPO's pairs; AI-ranked groups weigh the configured AI weight;
-  with ``balance_modalities`` GRPO also gives each modality among the update's groups the same share (the
-  README's sweep: without AI groups it kept the contrast expert's brain MRIs in both runs, with them it lost
-  8 of 12 in both; off by default);
+  with ``balance_modalities`` GRPO also gives each modality among the experts' groups the same share
+  (``modality_balance``; off by default, the README's sweep);
 - a fresh seed per update (unless ``seed`` is given) for the trained steps and DPO's timesteps and
   noise, recorded in the version's metrics.
 
@@ -119,7 +118,7 @@ class UpdateConfig:
     # keeps an update near 9 GiB in bf16 and under 20 GiB in fp32, whatever the number of groups.
     micro_batch: int = 8
     seed: int | None = None  # trained steps and DPO's timesteps and noise; None: a fresh seed per update
-    # GRPO: each modality's groups weigh alike in all, whatever their number (``modality_balance``; the README's sweep)
+    # GRPO: each modality's expert-ranked groups weigh alike in all, whatever their number (``modality_balance``)
     balance_modalities: bool = False
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -221,12 +220,15 @@ def grpo_backward(policy: Policy, groups: list[RankedGroup], config: UpdateConfi
 
 
 def modality_balance(groups: list[RankedGroup]) -> list[float]:
-    """Each group's factor that gives every modality among ``groups`` (read from the prompt's prefix) the same
-    share of the update, ``len(groups) / (modalities * groups of its modality)``: experts who rank four CTs for
-    every brain MRI still teach the adapters, which act on every prompt, as much about MRIs as about CTs."""
-    modalities = [prompt_modality(g.trajectory.prompt) for g in groups]
-    counts = Counter(modalities)
-    return [len(groups) / (len(counts) * counts[m]) for m in modalities]
+    """Each group's factor that gives every modality among the experts' groups (read from the prompt's prefix)
+    the same share of them, ``human groups / (modalities * human groups of its modality)``: experts who rank four
+    CTs for every brain MRI still teach the adapters, which act on every prompt, as much about MRIs as about CTs.
+    AI-ranked groups keep factor 1: they are drawn only for modalities the reward model can rank, and balanced
+    with the experts' they gave those modalities the MRIs' share (the README's sweep)."""
+    modalities = [prompt_modality(g.trajectory.prompt) if g.ai is None else None for g in groups]
+    counts = Counter(m for m in modalities if m is not None)
+    humans = sum(counts.values())
+    return [1.0 if m is None else humans / (len(counts) * counts[m]) for m in modalities]
 
 
 def dpo_pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor, Condition, torch.Tensor]:

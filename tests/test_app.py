@@ -12,7 +12,8 @@ from gradio_client import Client
 from PIL import Image
 
 from tests.conftest import PROMPT
-from workbench.api import RoomAPI
+from optim.preference.update import UpdateConfig
+from workbench.api import RoomAPI, update_config
 from workbench.auth import Users, add_user
 from workbench.room import ControlRoom, RoomConfig
 from workbench.ui import serve
@@ -130,8 +131,20 @@ def test_bad_input_gets_a_clear_message(server):
         alice.predict(algorithm="grpo", settings={"lr": 1}, api_name="/apply_update")
     with pytest.raises(Exception, match=r"ai_weight must be a number above 0 and at most 3 \(a level-3 expert's weight\), not 5"):
         alice.predict(algorithm="grpo", settings={"ai_weight": 5}, api_name="/apply_update")
+    with pytest.raises(Exception, match="balance_modalities must be true or false, not 'false'"):
+        alice.predict(algorithm="grpo", settings={"balance_modalities": "false"}, api_name="/apply_update")
     with pytest.raises(Exception, match="unknown group 'nope'"):
         alice.predict(group_id="nope", api_name="/losses")
+
+
+def test_the_page_and_clients_settings_replace_the_update_defaults():
+    """What the Optimize tab and ``/apply_update`` send reaches the update: balancing the modalities is on unless
+    switched off, and only JSON's true or false switch it (``bool("false")`` would be true)."""
+    assert UpdateConfig().balance_modalities
+    config = update_config(UpdateConfig(), {"learning_rate": 3e-4, "kl_weight": 0.1, "balance_modalities": False})
+    assert (config.learning_rate, config.grpo.kl_weight, config.balance_modalities) == (3e-4, 0.1, False)
+    with pytest.raises(ValueError, match="balance_modalities must be true or false, not 1"):
+        update_config(UpdateConfig(), {"balance_modalities": 1})
 
 
 def test_local_mode_needs_a_name_to_rank_and_no_login(tmp_path):

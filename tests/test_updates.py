@@ -334,7 +334,7 @@ def test_the_trust_region_keeps_the_last_step_within_the_kl_budget(fresh, drawn,
 def test_balanced_modalities_give_each_modality_the_same_share_of_the_experts_groups(drawn, monkeypatch):
     """Hand-worked: three CT groups, one brain MRI and one chest X-ray group ranked by experts: 5 / (3 modalities
     x 3 CTs) = 5/9 each CT group, 5 / 3 each other; an AI-ranked CT group keeps factor 1. GRPO's group weights
-    are the levels (the AI weight) times these, and plain levels without ``balance_modalities``."""
+    are the levels (the AI weight) times these by default, and plain levels with ``balance_modalities`` off."""
     def group(prompt, ai=None):
         return RankedGroup(prompt, IDS, dataclasses.replace(drawn, prompt=prompt),
                            [] if ai else [([["c0"], ["c1", "c2", "c3"]], 3)], ai=ai)
@@ -344,7 +344,7 @@ def test_balanced_modalities_give_each_modality_the_same_share_of_the_experts_gr
     assert update.modality_balance(groups) == pytest.approx([5 / 9, 5 / 3, 5 / 9, 5 / 3, 5 / 9, 1.0])
     seen = {}
     monkeypatch.setattr(update, "grpo_pass", lambda trajectories, advantages, run_step, weights, *rest: seen.update(w=weights))
-    grpo_backward(None, groups, UpdateConfig(balance_modalities=True))
-    assert seen["w"] == pytest.approx([3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 1.5])  # each modality 5
     grpo_backward(None, groups, UpdateConfig())
+    assert seen["w"] == pytest.approx([3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 3 * 5 / 3, 3 * 5 / 9, 1.5])  # each modality 5
+    grpo_backward(None, groups, UpdateConfig(balance_modalities=False))
     assert seen["w"] == [3.0] * 5 + [1.5]

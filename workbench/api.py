@@ -246,9 +246,16 @@ def _short(prompt: str) -> str:
     return prompt
 
 
+def balance_switch(value) -> bool:
+    """A setting that is on or off: JSON's true or false only (``bool("false")`` would be on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"balance_modalities must be true or false, not {value!r}")
+    return value
+
+
 def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
     """The room's update defaults with the page's or client's main settings applied; unknown names refused."""
-    top = {"learning_rate": float, "epochs": int, "kl_budget": float}
+    top = {"learning_rate": float, "epochs": int, "kl_budget": float, "balance_modalities": balance_switch}
     nested = {"clip_range": ("grpo", float), "kl_weight": ("grpo", float), "beta": ("dpo", float)}
     unknown = sorted(set(settings) - set(top) - set(nested))
     if unknown:

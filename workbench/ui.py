@@ -326,6 +326,10 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                                       label="Weight of an AI-ranked group",
                                       info=f"in the loss, against an expert's level (1-{max(LEVELS)}), which weighs "
                                            "each ranked group")
+                balance = gr.Checkbox(value=room.config.update.balance_modalities, label="Balance modalities (GRPO)",
+                                      info="each modality among the experts' groups gets the same share of the update, "
+                                           "however many groups of it they ranked; off: each group weighs its "
+                                           "experts' levels alone")
             update_button = gr.Button("Apply update", variant="primary", elem_id="apply-update")
             update_status = gr.Markdown()
         with gr.Row():
@@ -355,13 +359,14 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
         return text, grpo, dpo
 
     @clear_errors
-    def on_update(algo, lr, n_epochs, clip_range, beta_value, ai_count, ai_group_weight, name_value, level_value,
-                  request: gr.Request, progress=gr.Progress()):
+    def on_update(algo, lr, n_epochs, clip_range, beta_value, ai_count, ai_group_weight, balanced, name_value,
+                  level_value, request: gr.Request, progress=gr.Progress()):
         who_ = caller(request, name_value, level_value)
         progress(0.0, desc="applying the update")
         result = api.apply_update(who_, algo, None, {"learning_rate": lr, "epochs": n_epochs,
                                                      "clip_range": clip_range, "beta": beta_value,
-                                                     "ai_groups": ai_count, "ai_weight": ai_group_weight},
+                                                     "ai_groups": ai_count, "ai_weight": ai_group_weight,
+                                                     "balance_modalities": balanced},
                                   on_progress=lambda fraction, what: progress(fraction, desc=what))
         model = result.metrics.get("reward_model") or {}
         accuracy = model.get("heldout_accuracy")
@@ -384,7 +389,8 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
 
     losses = View(on_losses, [optimize_status, grpo_table, dpo_table], [page.ranking, *page.me])
     losses_button.click(losses.fn, losses.inputs, losses.outputs, **ON_GPU)
-    updated = update_button.click(on_update, [algorithm, learning_rate, epochs, clip, beta, ai_groups, ai_weight, *page.me],
+    updated = update_button.click(on_update, [algorithm, learning_rate, epochs, clip, beta, ai_groups, ai_weight, balance,
+                                              *page.me],
                                   [update_status], **ON_GPU)
     history = View(plots, [loss_plot, reward_plot, kl_plot])
     updated.then(history.fn, None, history.outputs, **QUICK)

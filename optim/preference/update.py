@@ -38,7 +38,7 @@ What one update trains, and why:
   default; ``modality_balance``): an update's one brain MRI group counts as much as its four CTs together, so
   what the CTs teach the shared adapters does not drown what the MRI's experts said. On the learning
   benchmark's contrast expert without AI groups (the default), GRPO won 98%, 97% and 98% balanced, its brain
-  MRIs better each time, against 98%, 86%, 97% and 97%; with 4 AI groups, and for the brightness expert,
+  MRIs better each time, against 98%, 86%, 97%, 97% and 98%; with 4 AI groups, and for the brightness expert,
   balanced and unbalanced did alike (the README's sweep);
 - a fresh seed per update (unless ``seed`` is given) for the trained steps and DPO's timesteps and
   noise, recorded in the version's metrics.

@@ -28,7 +28,8 @@ Targets (issue 10): effect size >= 1.0 with amplification and >= 0.5 without, wi
 rate down at most 5 points, diversity down at most 20%, reward model accuracy >= 80%, an update
 (reward model, AI groups, training) within 3 minutes on this 2-core CPU. Each update draws a fresh seed, and
 GRPO's figures near those lines have passed in one run and missed in the next at the same settings, so
-``--repeats N`` runs each setting N times and prints the mean and range.
+``--repeats N`` runs each setting N times and prints the mean and range. Each run prints its control room's
+work directory and leaves it: ``bench_versions.py`` says which update moved which modality.
 
     python tests/benchmarks/bench_learning.py [--experts contrast brightness] [--algorithms grpo dpo]
         [--ai-groups 0 4] [--groups 30] [--eval 64] [--steps 20] [--collapse-guard 0.2] [--repeats 3] [--set learning_rate=1e-3 grpo.clip_range=0.2 amplify.tie_probability=0.9 ...]
@@ -95,6 +96,8 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
     for key, value in room_settings.items():  # "amplify.ai_weight" or "amplify.reward_model.features"
         room_config = with_setting(room_config, key, value)
     room = ControlRoom(workdir=tempfile.mkdtemp(prefix="bench-learning-"), config=room_config)
+    print(f"  [{expert_name} {algorithm} ai={ai_groups}] work directory {room.workdir} (bench_versions.py traces it)",
+          flush=True)
     config = room.config.update
     for key, value in args.settings.items():  # "learning_rate" or "grpo.clip_range"
         if key not in room_settings:
@@ -125,18 +128,7 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
     ai_pairs = ai_agreement(room, expert)
     change = scores - base_scores
     within_std = float(np.sqrt(np.mean(base_scores.var(axis=1, ddof=1))))
-    base_std = float(base_scores.std(ddof=1))
-    verdicts = np.where(change >= expert.tie, "b", np.where(change <= -expert.tie, "a", "same"))
-
-    def moved(rows) -> dict:
-        """Effect size (over the base std of all samples), win-rate (ties half) and blind A/B tally of ``rows``."""
-        return {"samples": int(change[rows].size), "effect_size": float(change[rows].mean() / base_std),
-                "win_rate": float(np.mean((change[rows] > 0) + 0.5 * (change[rows] == 0))),
-                "blind_ab": tally(verdicts[rows].ravel().tolist())}
-
-    overall = moved(slice(None))
-    modalities = np.array([modality_of_prompt(prompts[k % len(prompts)]) for k in range(len(change))])
-    by_modality = {modality: moved(modalities == modality) for modality in dict.fromkeys(modalities)}
+    overall, by_modality = movement(base_scores, scores, expert, prompts)
     return {
         "expert": expert_name,
         "algorithm": algorithm,
@@ -163,6 +155,23 @@ def run(expert_name: str, algorithm: str, ai_groups: int, args, prompts: list[st
         "steps": args.steps,
         "collapse_guard": args.collapse_guard,
     }
+
+
+def movement(base_scores: np.ndarray, scores: np.ndarray, expert, prompts: list[str]) -> tuple[dict, dict]:
+    """How seed-matched samples (``evaluate``'s rows, 4 per prompt) moved from ``base_scores`` to ``scores``: the
+    effect size (over the base std of all samples), win-rate (ties half) and the expert's blind A/B tally (a change
+    within its tie is "same"), over all samples and per modality of the prompts."""
+    change = scores - base_scores
+    base_std = float(base_scores.std(ddof=1))
+    verdicts = np.where(change >= expert.tie, "b", np.where(change <= -expert.tie, "a", "same"))
+
+    def moved(rows) -> dict:
+        return {"samples": int(change[rows].size), "effect_size": float(change[rows].mean() / base_std),
+                "win_rate": float(np.mean((change[rows] > 0) + 0.5 * (change[rows] == 0))),
+                "blind_ab": tally(verdicts[rows].ravel().tolist())}
+
+    modalities = np.array([modality_of_prompt(prompts[k % len(prompts)]) for k in range(len(change))])
+    return moved(slice(None)), {modality: moved(modalities == modality) for modality in dict.fromkeys(modalities)}
 
 
 def ai_agreement(room: ControlRoom, expert) -> dict:

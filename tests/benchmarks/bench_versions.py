@@ -48,16 +48,17 @@ def main() -> None:
     args = parser.parse_args()
     room = ControlRoom(workdir=args.workdir, config=RoomConfig(steps=args.steps))
     expert, prompts = EXPERTS[args.expert], all_prompts()
-    versions = room.version_store.list()  # oldest first: v0 is the base model
-    base_scores = None
-    for version in versions:
+
+    def scores_of(version):
+        """The expert's scores of the seed-matched evaluation samples drawn by ``version``."""
         room.policy.use_version(room.version_store, version.id)
-        scores = evaluate(room, expert, prompts, args.eval)[0]
-        if base_scores is None:
-            base_scores = scores
-            print(f"{version.id} (base): {args.expert} score {scores.mean():.4f}", flush=True)
-            continue
-        overall, by_modality = movement(base_scores, scores, expert, prompts)
+        return evaluate(room, expert, prompts, args.eval)[0]
+
+    base, *updated = room.version_store.list()  # oldest first: v0 is the base model
+    base_scores = scores_of(base)
+    print(f"{base.id} (base): {args.expert} score {base_scores.mean():.4f}", flush=True)
+    for version in updated:
+        overall, by_modality = movement(base_scores, scores_of(version), expert, prompts)
         modalities = "; ".join(f"{m} {x['effect_size']:+.2f} ({x['blind_ab']['wins']}/{x['blind_ab']['same']}/"
                                f"{x['blind_ab']['losses']})" for m, x in by_modality.items())
         print(f"{version.id} on {trained_on(room, version.metrics)}: effect size {overall['effect_size']:+.2f}, "

@@ -125,6 +125,12 @@ Group.ranked_by = column_property(
     select(func.count(Ranking.id)).where(Ranking.group_id == Group.id, Ranking.skipped.is_(False))
     .correlate_except(Ranking).scalar_subquery()
 )
+# Candidates that passed the selector, as a column of each Group row: a group none passed has nothing to rank,
+# so it is never offered to an expert nor counted as waiting for a ranking.
+Group.survivor_count = column_property(
+    select(func.count(Candidate.id)).where(Candidate.group_id == Group.id, Candidate.passed.is_(True))
+    .correlate_except(Candidate).scalar_subquery()
+)
 
 
 class Version(Base):
@@ -345,7 +351,8 @@ class Store:
             return _group_dict(self._group(s, group_id))
 
     def next_group_for(self, expert: str) -> dict | None:
-        """The oldest group still short of its wanted rankings that this expert has not ranked or skipped.
+        """The oldest group still short of its wanted rankings that this expert has not ranked or skipped, and
+        that has a candidate to rank (a group where the selector passed none is never offered).
 
         Nothing is reserved: experts asking at the same instant may get the same group.
         """
@@ -353,7 +360,7 @@ class Store:
             answered = select(Ranking.group_id).join(Expert).where(Expert.name == expert)  # none for a newcomer
             group = s.scalars(
                 select(Group).where(Group.source == HUMAN, Group.ranked_by < Group.wanted_rankings,
-                                    Group.id.not_in(answered))
+                                    Group.survivor_count > 0, Group.id.not_in(answered))
                 .order_by(Group.created_at, Group.id).limit(1)
             ).first()
             return None if group is None else _group_dict(group)
@@ -578,19 +585,21 @@ class Store:
         """Groups per status and per modality (read from the prompt's prefix), rankings and skips per
         expert, and imported ratings per modality."""
         with self._session() as s:
-            groups = s.execute(select(Group.prompt, Group.ranked_by >= Group.wanted_rankings)
+            groups = s.execute(select(Group.prompt, Group.ranked_by >= Group.wanted_rankings, Group.survivor_count > 0)
                                .where(Group.source == HUMAN)).all()
             ai_groups = s.scalar(select(func.count()).select_from(Group).where(Group.source == AI))
             imported = s.execute(select(ImportedRating.modality, func.count()).group_by(ImportedRating.modality)).all()
             answers = s.execute(
                 select(Expert.name, Ranking.skipped, func.count()).join(Ranking).group_by(Expert.name, Ranking.skipped)
             ).all()
-        modalities = Counter(modality_of_prompt(prompt) or "unknown" for prompt, _ in groups)
+        modalities = Counter(modality_of_prompt(prompt) or "unknown" for prompt, _, _ in groups)
         experts: dict[str, dict] = {}
         for name, skipped, n in answers:
             experts.setdefault(name, {"rankings": 0, "skipped": 0})["skipped" if skipped else "rankings"] += n
-        ranked = sum(1 for _, done in groups if done)
-        return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked, "ai_groups": ai_groups,
+        ranked = sum(1 for _, done, _ in groups if done)
+        empty = sum(1 for _, done, rankable in groups if not done and not rankable)
+        return {"groups": len(groups), "ranked": ranked, "pending": len(groups) - ranked - empty, "empty": empty,
+                "ai_groups": ai_groups,
                 "per_modality": dict(modalities), "per_expert": experts, "imported_per_modality": dict(imported)}
 
     def version_summary(self) -> dict[str, dict]:
@@ -702,7 +711,10 @@ def _row(row: Base, **extra) -> dict:
 
 
 def _group_dict(group: Group) -> dict:
-    """A group with its candidates (position order), its survivors' ids and its derived status."""
-    return _row(group, status="ranked" if group.ranked_by >= group.wanted_rankings else "pending",
+    """A group with its candidates (position order), its survivors' ids and its derived status: "ranked", "pending"
+    (waiting for rankings) or "empty" (the selector passed none of its candidates: nothing to rank)."""
+    status = ("ranked" if group.ranked_by >= group.wanted_rankings else "empty" if not group.survivor_count
+              else "pending")
+    return _row(group, status=status,
                 candidates=[_row(c) for c in group.candidates],
                 survivors=[c.id for c in group.candidates if c.passed])

@@ -147,6 +147,20 @@ def test_overlap_sends_a_group_to_two_experts_and_skips_do_not_count(store):
     assert counts["per_expert"]["dave"] == {"rankings": 0, "skipped": 1}
 
 
+def test_a_group_where_the_selector_passed_nothing_is_never_offered_nor_waiting(store):
+    """Nothing to rank: offering it would leave every expert on an empty screen, and Next would bring it back."""
+    _experts(store, "alice")
+    rejected = [NewCandidate(image=b"blank-%d" % k, passed=False, seed=k, reasons=["blank image"]) for k in range(3)]
+    empty = store.add_group(PROMPT, "v0", seeds=[0, 1, 2], settings={"steps": 4}, candidates=rejected)
+    assert store.get_group(empty)["status"] == "empty"
+    assert store.next_group_for("alice") is None
+    waiting = _group(store)
+    assert store.next_group_for("alice")["id"] == waiting
+    counts = store.counts()
+    assert (counts["groups"], counts["ranked"], counts["pending"], counts["empty"]) == (2, 0, 1, 1)
+    assert store.unused_ranked_groups() == []  # and no update trains on it
+
+
 def test_unused_ranked_groups_leave_out_those_an_applied_update_used(store):
     _experts(store, "alice")
     groups = [_group(store, tag=b"%d" % k) for k in range(4)]

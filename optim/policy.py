@@ -31,7 +31,7 @@ from optim.generators.base import (  # noqa: F401
     DECODE_CHUNK, DEFAULT_MODEL, DTYPES, MAX_CANDIDATES, Generator, ModelLoadError, Samples, candidate_seeds, dtype_name,
     resolve_dtype,
 )
-from optim.versions import VersionStore
+from optim.versions import UnknownVersion, VersionStore
 
 Policy = Generator  # the name the README, the room and the tests use
 
@@ -91,9 +91,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         _sample_command(args)
-    except (ModelLoadError, ValueError, KeyError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"error: {message}", file=sys.stderr)
+    except (ModelLoadError, ValueError, UnknownVersion, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 

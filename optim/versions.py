@@ -33,6 +33,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+class UnknownVersion(KeyError):
+    """A version id the store does not hold. Its text is the message alone (a plain KeyError's is the quoted
+    repr), so the page, the API and the command line can show it as it is."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown version"
+
+
 @dataclass
 class Version:
     id: str
@@ -63,7 +71,7 @@ class VersionStore:
         meta = self.root / version_id / "meta.json"
         if not re.fullmatch(r"v\d+", version_id or "") or not meta.exists():
             known = ", ".join(v.id for v in self.list()) or "none"
-            raise KeyError(f"unknown version {version_id!r}; known versions: {known}")
+            raise UnknownVersion(f"unknown version {version_id!r}; known versions: {known}")
         return Version(**json.loads(meta.read_text()))
 
     def weights(self, version_id: str) -> dict[str, torch.Tensor]:

@@ -135,6 +135,17 @@ def test_bad_input_gets_a_clear_message(server):
         alice.predict(algorithm="grpo", settings={"balance_modalities": "false"}, api_name="/apply_update")
     with pytest.raises(Exception, match="unknown group 'nope'"):
         alice.predict(group_id="nope", api_name="/losses")
+    # an unknown version's message as it is, not a quoted KeyError: "'unknown version ...'"
+    with pytest.raises(Exception, match=r"^unknown version 'v9'; known versions: v0"):
+        alice.predict(version_id="v9", api_name="/rollback")
+    with pytest.raises(Exception, match=r"^unknown version 'v9'; known versions: v0"):
+        alice.predict(prompt=PROMPT, n=1, seed=0, version="v9", api_name="/sample")
+    with pytest.raises(Exception, match="the seed must be a whole number, not 2.5"):
+        alice.predict(prompt=PROMPT, n=1, seed=2.5, api_name="/sample")
+    with pytest.raises(Exception, match="epochs must be a whole number, not 2.5"):
+        alice.predict(algorithm="grpo", settings={"epochs": 2.5}, api_name="/apply_update")
+    with pytest.raises(Exception, match="ai_groups must be a whole number, not 'four'"):
+        alice.predict(algorithm="grpo", settings={"ai_groups": "four"}, api_name="/apply_update")
 
 
 def test_the_page_and_clients_settings_replace_the_update_defaults():
@@ -145,6 +156,12 @@ def test_the_page_and_clients_settings_replace_the_update_defaults():
     assert (config.learning_rate, config.grpo.kl_weight, config.balance_modalities) == (3e-4, 0.1, False)
     with pytest.raises(ValueError, match="balance_modalities must be true or false, not 1"):
         update_config(UpdateConfig(), {"balance_modalities": 1})
+    # a field the page's form sends empty (None) is named, not "float() argument must be ... not 'NoneType'"
+    with pytest.raises(ValueError, match="learning_rate must be a number, not an empty field"):
+        update_config(UpdateConfig(), {"learning_rate": None})
+    with pytest.raises(ValueError, match="beta must be a number, not nan"):
+        update_config(UpdateConfig(), {"beta": float("nan")})
+    assert update_config(UpdateConfig(), {"epochs": 4.0, "clip_range": "0.1"}).epochs == 4
 
 
 def test_local_mode_needs_a_name_to_rank_and_no_login(tmp_path):

@@ -38,6 +38,7 @@ from starlette.middleware import Middleware
 from data.experts import LEVELS
 from data.store import StoreError
 from optim.preference.update import UpdateConfig
+from optim.versions import UnknownVersion
 from workbench.auth import LoginLockedOut, User, Users
 from workbench.room import ControlRoom, RoomGroup
 from workbench.verification import BlindPair
@@ -116,10 +117,10 @@ class RoomAPI:
     # ------------------------------------------------------------------ the verbs
 
     def generate(self, caller: Caller, prompt: str, n: int | None = None, seed: int = 0, on_batch=None) -> RoomGroup:
-        return self.room.generate(_short(prompt), n, int(seed), on_batch=on_batch)
+        return self.room.generate(_short(prompt), n, whole_number(seed, "the seed"), on_batch=on_batch)
 
     def sample(self, caller: Caller, prompt: str, n: int = 4, seed: int = 0, version: str | None = None) -> list:
-        return self.room.sample(_short(prompt), n, int(seed), version or None)
+        return self.room.sample(_short(prompt), n, whole_number(seed, "the seed"), version or None)
 
     def rank(self, caller: Caller, group_id: str, tiers: list, ratings: dict | None = None, skipped: bool = False,
              seconds: float | None = None) -> dict:
@@ -132,7 +133,7 @@ class RoomAPI:
         """A blind pair for the caller (any expert); by default the current version against its parent."""
         self.require_name(caller, "judgements")
         return self.room.ab_pair(caller.name, version_a or None, version_b or None, _short(prompt) or None,
-                                 None if seed is None else int(seed), level=caller.level)
+                                 None if seed is None else whole_number(seed, "the seed"), level=caller.level)
 
     def ab_judge(self, caller: Caller, pair_id: str, choice: str, seconds: float | None = None) -> dict:
         """Store the caller's answer to their pair. The reply names no version: the verdict would tell
@@ -158,7 +159,7 @@ class RoomAPI:
             raise ValueError(f"algorithm must be 'grpo' or 'dpo', not {algorithm!r}")
         settings = dict(settings or {})
         ai_groups = settings.pop("ai_groups", None)
-        if ai_groups is not None and not (float(ai_groups).is_integer() and 0 <= ai_groups <= MAX_AI_GROUPS):
+        if ai_groups is not None and not 0 <= whole_number(ai_groups, "ai_groups") <= MAX_AI_GROUPS:
             raise ValueError(f"ai_groups must be a whole number from 0 to {MAX_AI_GROUPS}, not {ai_groups!r}")
         ai_weight = settings.pop("ai_weight", None)
         if ai_weight is not None and (isinstance(ai_weight, bool) or not isinstance(ai_weight, (int, float))
@@ -195,10 +196,7 @@ class RoomAPI:
         """Any logged-in caller: a version as a diffusers LoRA file, which ``pipeline.load_lora_weights(path)``
         loads into a pipeline of the same base model and family (a few MB, read from the version store)."""
         name = f"{self.room.policy.model_path.name}-{version_id}-lora.safetensors"
-        try:
-            return self.room.policy.export_lora(self.room.version_store, version_id, self.new_outbox_folder() / name)
-        except KeyError as error:  # an unknown version: the message names the known ones
-            raise ValueError(error.args[0]) from error
+        return self.room.policy.export_lora(self.room.version_store, version_id, self.new_outbox_folder() / name)
 
     # ------------------------------------------------------------------ files for browsers and clients
 
@@ -246,24 +244,42 @@ def _short(prompt: str) -> str:
     return prompt
 
 
-def balance_switch(value) -> bool:
+def switch(value, name: str) -> bool:
     """A setting that is on or off: JSON's true or false only (``bool("false")`` would be on)."""
     if not isinstance(value, bool):
-        raise ValueError(f"balance_modalities must be true or false, not {value!r}")
+        raise ValueError(f"{name} must be true or false, not {value!r}")
     return value
 
 
+def number(value, name: str, whole: bool = False) -> float | int:
+    """A finite number typed or sent for ``name`` (with ``whole``, a whole one: 2.5 passes is refused rather
+    than cut to 2); an empty field, a word or a NaN is refused, naming the field."""
+    try:
+        figure = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        figure = math.nan
+    if not math.isfinite(figure) or (whole and not figure.is_integer()):
+        shown = "an empty field" if value is None else repr(value)
+        raise ValueError(f"{name} must be {'a whole number' if whole else 'a number'}, not {shown}")
+    return int(figure) if whole else figure
+
+
+def whole_number(value, name: str) -> int:
+    return number(value, name, whole=True)
+
+
 def update_config(base: UpdateConfig, settings: dict) -> UpdateConfig:
-    """The room's update defaults with the page's or client's main settings applied; unknown names refused."""
-    top = {"learning_rate": float, "epochs": int, "kl_budget": float, "balance_modalities": balance_switch}
-    nested = {"clip_range": ("grpo", float), "kl_weight": ("grpo", float), "beta": ("dpo", float)}
+    """The room's update defaults with the page's or client's main settings applied; unknown names refused,
+    and each value checked by its kind, its name in the error."""
+    top = {"learning_rate": number, "epochs": whole_number, "kl_budget": number, "balance_modalities": switch}
+    nested = {"clip_range": ("grpo", number), "kl_weight": ("grpo", number), "beta": ("dpo", number)}
     unknown = sorted(set(settings) - set(top) - set(nested))
     if unknown:
         raise ValueError(f"unknown update settings {', '.join(unknown)}; known: {', '.join([*top, *nested, 'ai_groups', 'ai_weight'])}")
-    config = replace(base, **{k: top[k](v) for k, v in settings.items() if k in top})
+    config = replace(base, **{k: top[k](v, k) for k, v in settings.items() if k in top})
     for name, (part, cast) in nested.items():
         if name in settings:
-            config = replace(config, **{part: replace(getattr(config, part), **{name: cast(settings[name])})})
+            config = replace(config, **{part: replace(getattr(config, part), **{name: cast(settings[name], name)})})
     if config.learning_rate <= 0 or config.epochs < 1:
         raise ValueError("learning_rate must be positive and epochs at least 1")
     return config
@@ -275,7 +291,7 @@ def clear_errors(function):
     def wrapper(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except (ValueError, PermissionError, StoreError) as error:
+        except (ValueError, PermissionError, StoreError, UnknownVersion) as error:
             raise gr.Error(str(error), print_exception=False) from error
     return wrapper
 

@@ -77,6 +77,9 @@ def test_log_in_generate_rank_with_the_keyboard_see_losses_verify_download(serve
         page.screenshot(path=str(SHOTS / "rank.png"), full_page=True)
         page.keyboard.press("Enter")
         page.wait_for_selector("text=Ranking stored")
+        page.keyboard.press("Enter")  # pressed twice: nothing more to store, and no error
+        page.wait_for_selector("text=is answered already")
+        assert "already ranked" not in page.inner_text("body")
 
         page.get_by_role("tab", name="Optimize").click()
         page.wait_for_selector("text=GRPO: loss")
@@ -99,6 +102,14 @@ def test_log_in_generate_rank_with_the_keyboard_see_losses_verify_download(serve
         page.wait_for_function("() => /all experts\\s+all\\s+3\\s/.test(document.getElementById('verify-table').innerText)")
         assert "v0 → v1" in page.inner_text("#verify-table")
         page.screenshot(path=str(SHOTS / "verify.png"), full_page=True)
+
+        # after another update the tab compares the new current version with its parent, not v0 with v1
+        page.get_by_role("tab", name="Experts").click()
+        assert nudged_version(room) == "v2"
+        page.get_by_role("tab", name="Verify").click()
+        expect = playwright.expect
+        expect(page.get_by_label("Compare version (default: the current one's parent)")).to_have_value("v1")
+        expect(page.get_by_label("with version (default: the current one)")).to_have_value("v2")
 
         page.get_by_role("tab", name="Experts").click()
         page.wait_for_selector("text=Rankings per expert")

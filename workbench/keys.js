@@ -3,7 +3,7 @@
 // (right better). Keys typed into a text field are left alone; a shortcut whose button is hidden
 // (another tab, or no candidate in that slot) does nothing.
 document.addEventListener("keydown", (event) => {
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;  // a held key presses once
   const typing = event.target.closest &&
     event.target.closest("textarea, select, [contenteditable=true], input:not([type=radio]):not([type=checkbox])");
   if (typing) return;

@@ -47,6 +47,7 @@ from workbench.room import RoomGroup  # noqa: E402
 SLOTS = 8  # the most survivors a group shows
 MAX_UPLOAD = "1gb"  # the largest file the page or the API accepts (a ratings zip with its images)
 KEYS_JS = (Path(__file__).parent / "keys.js").read_text()
+NO_RANKING_YET = "Rank a group on the Rank tab: its GRPO and DPO numbers show here."
 _picks_lock = threading.Lock()  # picks arrive one HTTP call per key press; their edits must not interleave
 
 # How events run. Every event of the page is private: the HTTP API is ``register_api``'s verbs.
@@ -66,6 +67,9 @@ class Ranking:
     order: list[str] = field(default_factory=list)  # candidate ids in the shuffled order shown, slot k = order[k]
     tiers: list[list[int]] = field(default_factory=list)  # slots, best tier first
     started: float = 0.0
+    answered: bool = False  # this group's ranking or skip is stored: a second Submit has nothing to store
+    last_ranked: str | None = None  # the group this session ranked last (the Optimize tab's numbers are its)
+    last_order: list[str] = field(default_factory=list)  # that group's order on screen, for its slot numbers
 
     def placed(self) -> set[int]:
         return {slot for tier in self.tiers for slot in tier}
@@ -73,6 +77,8 @@ class Ranking:
     def describe(self) -> str:
         if self.group_id is None:
             return "No group yet: type a prompt and press **Generate**, or **Next** for the queue."
+        if not self.order:
+            return "No candidate passed the selector: nothing to rank. Press **Next (n)** or **Generate** for another group."
         order = " › ".join(" = ".join(str(slot + 1) for slot in tier) for tier in self.tiers) or "nothing yet"
         left = [str(k + 1) for k in range(len(self.order)) if k not in self.placed()]
         return f"**Your order, best first:** {order}  \nStill to place: {', '.join(left) or 'none: press Submit (Enter)'}"
@@ -85,6 +91,7 @@ class Verifying:
     pair_id: str | None = None
     shown_at: float = 0.0
     judged: int = 0  # answers given in this session
+    defaults: tuple = (None, None)  # the versions the page chose last (the current one's parent and it)
 
 
 class Page:
@@ -123,14 +130,13 @@ def build_page(api: RoomAPI) -> gr.Blocks:
     with gr.Blocks(title="Medical preference workbench") as blocks:
         page = Page(api)
         submitted = rank_tab(page)
-        losses, history, updated = optimize_tab(page)
+        history, updated = optimize_tab(page)
         models = models_tab(page)
         verify_tab(page)
         counts = data_tab(page)
         experts_tab(page)
 
         # What one tab's action refreshes in another.
-        submitted.success(losses.fn, losses.inputs, losses.outputs, **ON_GPU)
         submitted.success(counts.fn, None, counts.outputs, **QUICK)
         updated.then(models.fn, None, models.outputs, **QUICK)
         on_load(page, blocks, [counts, models, history])
@@ -205,6 +211,7 @@ def rank_tab(page: Page):
         shuffled = group.survivors[:]
         random.shuffle(shuffled)
         state.group_id, state.order, state.tiers, state.started = group.id, [c.id for c in shuffled], [], time.time()
+        state.answered = False
         gallery = [(_enlarged(c.image), "; ".join(c.reasons)) for c in group.rejected]
         return [state, message or group.message, state.describe(), gallery] + _slots(
             [_enlarged(c.image) for c in shuffled], shuffled)
@@ -221,15 +228,19 @@ def rank_tab(page: Page):
     @clear_errors
     def on_next(queue_text, seed_value, state, name_value, level_value, request: gr.Request,
                 progress=gr.Progress()):
+        """A stored group waiting for this expert, else a new group for the queue's first prompt on a fresh seed
+        (shown in the Seed box): the queue comes round again, and the same prompt and seed would draw the same
+        candidates."""
         who_ = caller(request, name_value, level_value)
         waiting = room.next_group(who_.name) if who_.name else None
         if waiting is not None:
-            return [queue_text, *show(state, waiting, "A stored group waiting for your ranking.")]
+            return [queue_text, seed_value, *show(state, waiting, "A stored group waiting for your ranking.")]
         lines = [line for line in queue_text.splitlines() if line.strip()]
         if not lines:
             raise ValueError("the prompt queue is empty: add prompts, one per line")
-        group = api.generate(who_, lines[0], None, seed_value, on_batch=_drawing(progress))
-        return ["\n".join(lines[1:] + lines[:1]), *show(state, group, "")]
+        fresh_seed = random.randrange(2**31)
+        group = api.generate(who_, lines[0], None, fresh_seed, on_batch=_drawing(progress))
+        return ["\n".join(lines[1:] + lines[:1]), fresh_seed, *show(state, group, "")]
 
     def on_pick(slot: int):
         def pick(state: Ranking):
@@ -263,11 +274,14 @@ def rank_tab(page: Page):
         return answer(state, caller(request, name_value, level_value), [], skipped=True)
 
     def answer(state: Ranking, who_, rating_values, skipped: bool):
-        """Store this session's ranking (or skip) of its group, with the ratings given and the time taken."""
+        """Store this session's ranking (or skip) of its group, with the ratings given and the time taken.
+        A second Submit or Skip of a group already answered (Enter pressed twice) stores nothing and says so."""
         if state.group_id is None:
             raise ValueError("no group to rank: Generate or Next first")
+        if state.answered:
+            return state, f"Group {state.group_id} is answered already. Press **Next (n)** for another group."
         if not state.order and not skipped:
-            raise ValueError("no candidate of this group passed the selector: nothing to rank; press Next")
+            raise ValueError("no candidate of this group passed the selector: nothing to rank; press Next (n)")
         if not skipped and len(state.placed()) < len(state.order):
             left = [str(k + 1) for k in range(len(state.order)) if k not in state.placed()]
             raise ValueError(f"place every candidate first (still to place: {', '.join(left)}); tie those you cannot tell apart")
@@ -275,12 +289,15 @@ def rank_tab(page: Page):
         given = {state.order[k]: int(v) for k, v in enumerate(rating_values[:len(state.order)]) if v}
         seconds = round(time.time() - state.started, 1)
         api.rank(who_, state.group_id, [] if skipped else tiers, None if skipped else given, skipped, seconds)
+        state.answered = True
+        if not skipped:
+            state.last_ranked, state.last_order = state.group_id, list(state.order)
         done = "Skipped" if skipped else "Ranking stored"
         return state, f"{done} (group {state.group_id}, {seconds} s). Press **Next (n)** for another group."
 
     ranking, me = page.ranking, page.me
     generate_button.click(on_generate, [prompt, seed, ranking, *me], slot_outputs, **ON_GPU)
-    next_button.click(on_next, [queue, seed, ranking, *me], [queue, *slot_outputs], **ON_GPU)
+    next_button.click(on_next, [queue, seed, ranking, *me], [queue, seed, *slot_outputs], **ON_GPU)
     for k, button in enumerate(picks):
         button.click(on_pick(k), [ranking], [ranking, order_text], **RANKING_CLICK)
     tie_button.click(on_tie, [ranking], [ranking, order_text], **RANKING_CLICK)
@@ -293,12 +310,14 @@ def rank_tab(page: Page):
 # ---------------------------------------------------------------------------------------------- Optimize
 
 
-def optimize_tab(page: Page) -> tuple[View, View, object]:
-    """The ranked group's GRPO and DPO numbers, an update (admins), and per-version plots. Returns the
-    losses and the plots' views and the update's event (the page refreshes the Models tab after it)."""
+def optimize_tab(page: Page) -> tuple[View, object]:
+    """The GRPO and DPO numbers of the group this session ranked last (computed when the tab opens, not after
+    every ranking: they take the generator, which other experts' groups wait for), an update (admins), and
+    per-version plots. Returns the plots' view and the update's event (the page refreshes the Models tab
+    after it)."""
     api, room, caller = page.api, page.room, page.caller
-    with gr.Tab("Optimize", id="optimize"):
-        optimize_status = gr.Markdown("Rank a group to see its GRPO and DPO numbers.")
+    with gr.Tab("Optimize", id="optimize") as tab:
+        optimize_status = gr.Markdown(NO_RANKING_YET)
         losses_button = gr.Button("Compute losses for my last group")
         gr.Markdown("### GRPO: rewards from the ranking, group-normalised advantages, ratio and KL to the reference")
         grpo_table = gr.Dataframe(interactive=False)
@@ -342,10 +361,10 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
     @clear_errors
     def on_losses(state: Ranking, name_value, level_value, request: gr.Request):
         caller(request, name_value, level_value)
-        if state.group_id is None:
-            raise ValueError("no group yet: rank one on the Rank tab")
-        numbers = room.losses(state.group_id)
-        label = {cid: f"{k + 1}" for k, cid in enumerate(state.order)}
+        if state.last_ranked is None:
+            return NO_RANKING_YET, pd.DataFrame(), pd.DataFrame()
+        numbers = room.losses(state.last_ranked)
+        label = {cid: f"{k + 1}" for k, cid in enumerate(state.last_order)}
         g, d = numbers["grpo"], numbers["dpo"]
         grpo = pd.DataFrame([{"candidate": label.get(c["id"], c["id"]), "id": c["id"], **{k: _shown(c[k]) for k in
                               ("reward", "advantage", "ratio", "kl")}} for c in g["candidates"]])
@@ -354,7 +373,7 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                              "loser reward": _shown(p["loser_reward"]), "loss": _shown(p["loss"])} for p in d["pairs"]])
         dpo_total = ("no ordered pair (all tied)" if d["loss"] is None else
                      f"loss **{d['loss']:.4f}**, accuracy {d['accuracy']:.2f}, beta {d['beta']:g}")
-        text = (f"Group `{state.group_id}`. GRPO: loss **{g['loss']:.4g}**, mean KL {g['kl']:.3g} "
+        text = (f"Group `{state.last_ranked}`. GRPO: loss **{g['loss']:.4g}**, mean KL {g['kl']:.3g} "
                 f"({g['std_convention']}). DPO: {dpo_total}.")
         return text, grpo, dpo
 
@@ -387,14 +406,15 @@ def optimize_tab(page: Page) -> tuple[View, View, object]:
                              value_name="score").dropna()
         return frame.dropna(subset=["loss"]), rewards, frame.dropna(subset=["kl"])
 
-    losses = View(on_losses, [optimize_status, grpo_table, dpo_table], [page.ranking, *page.me])
-    losses_button.click(losses.fn, losses.inputs, losses.outputs, **ON_GPU)
+    shown = [optimize_status, grpo_table, dpo_table]
+    tab.select(on_losses, [page.ranking, *page.me], shown, **ON_GPU)
+    losses_button.click(on_losses, [page.ranking, *page.me], shown, **ON_GPU)
     updated = update_button.click(on_update, [algorithm, learning_rate, epochs, clip, beta, ai_groups, ai_weight, balance,
                                               *page.me],
                                   [update_status], **ON_GPU)
     history = View(plots, [loss_plot, reward_plot, kl_plot])
     updated.then(history.fn, None, history.outputs, **QUICK)
-    return losses, history, updated
+    return history, updated
 
 
 # ---------------------------------------------------------------------------------------------- Models
@@ -437,10 +457,12 @@ def models_tab(page: Page) -> View:
                 gr.update(choices=ids, value=current))
 
     @clear_errors
-    def on_compare(a, b, text, seed_value, name_value, level_value, request: gr.Request):
+    def on_compare(a, b, text, seed_value, name_value, level_value, request: gr.Request, progress=gr.Progress()):
         who_ = caller(request, name_value, level_value)
-        return ([_enlarged(i) for i in api.sample(who_, text, 4, seed_value, a)],
-                [_enlarged(i) for i in api.sample(who_, text, 4, seed_value, b)])
+        progress(0.0, desc=f"drawing 4 images from {a}")
+        first = [_enlarged(i) for i in api.sample(who_, text, 4, seed_value, a)]
+        progress(0.5, desc=f"drawing 4 images from {b} on the same seeds")
+        return first, [_enlarged(i) for i in api.sample(who_, text, 4, seed_value, b)]
 
     @clear_errors
     def on_version_lora(version, name_value, level_value, request: gr.Request):
@@ -487,14 +509,17 @@ def verify_tab(page: Page) -> None:
         verify_results = gr.Button("Refresh results", size="sm", elem_id="verify-results")
         verify_table = gr.Dataframe(interactive=False, elem_id="verify-table")
 
-    def verify_versions(a, b):
-        """The version selectors' choices, keeping the session's picks; defaults: the current one's parent and it."""
+    def verify_versions(a, b, state: Verifying):
+        """The version selectors' choices, keeping versions the expert picked; otherwise the defaults, the current
+        one's parent and it, followed after an update or a rollback."""
         listed = room.versions()
         ids = [v["id"] for v in listed]
         current = next(v for v in listed if v["current"])
-        a = a if a in ids else current["parent"]
-        b = b if b in ids else current["id"]
-        return gr.update(choices=ids, value=a), gr.update(choices=ids, value=b)
+        defaults = (current["parent"], current["id"])
+        if (a, b) == state.defaults or a not in ids or b not in ids:
+            a, b = defaults
+        state.defaults = defaults
+        return gr.update(choices=ids, value=a), gr.update(choices=ids, value=b), state
 
     @clear_errors
     def on_pair(a, b, state: Verifying, name_value, level_value, request: gr.Request, progress=gr.Progress()):
@@ -527,7 +552,8 @@ def verify_tab(page: Page) -> None:
         return ab_table(api.ab_results(caller(request, name_value, level_value)))
 
     verifying, me = page.verifying, page.me
-    verify_opened = tab.select(verify_versions, [verify_a, verify_b], [verify_a, verify_b], **QUICK)
+    verify_opened = tab.select(verify_versions, [verify_a, verify_b, verifying], [verify_a, verify_b, verifying],
+                               **QUICK)
     verify_opened.then(results_view, me, [verify_table], **QUICK)
     pair_view = [verifying, verify_status, verify_left, verify_right]
     verify_opened.then(on_first_pair, [verify_a, verify_b, verifying, *me], pair_view, **ON_GPU)
@@ -547,35 +573,43 @@ def data_tab(page: Page) -> View:
     api, room, caller = page.api, page.room, page.caller
     with gr.Tab("Data", id="data"):
         counts_text = gr.Markdown()
-        with gr.Row():
-            export_kind = gr.Dropdown(list(EXPORT_FILES), value="pickapic", label="Dataset")
-            export_dicom = gr.Checkbox(label="ratings_csv: add de-identified DICOM copies")
-            export_button = gr.Button("Prepare download", elem_id="export")
-            export_file = gr.File(label="Download", elem_id="export-file")
+        with gr.Group(visible=page.local) as admin_export:
+            gr.Markdown("### Download the preference data (admins)")
+            with gr.Row():
+                export_kind = gr.Dropdown(list(EXPORT_FILES), value="pickapic", label="Dataset")
+                export_dicom = gr.Checkbox(label="ratings_csv: add de-identified DICOM copies")
+                export_button = gr.Button("Prepare download", elem_id="export")
+                export_file = gr.File(label="Download", elem_id="export-file")
         with gr.Group(visible=page.local) as admin_import:
-            gr.Markdown("### Import ratings (admins): a CSV, or a zip of a CSV and its images")
-            import_file = gr.File(file_types=[".csv", ".zip"], label="Ratings file")
+            gr.Markdown("### Import ratings (admins): a zip of the ratings CSV and the images it names")
+            import_file = gr.File(file_types=[".zip"], label="Ratings zip")
             import_button = gr.Button("Import")
             import_report = gr.Textbox(label="Import report", lines=6, interactive=False)
-    page.admin_only.append(admin_import)
+    page.admin_only += [admin_export, admin_import]
 
     def counts_view():
         c = room.counts()
         modality = "\n".join(f"| {m} | {n} | {c['imported_per_modality'].get(m, 0)} |" for m, n in
                              sorted({**{m: 0 for m in c["imported_per_modality"]}, **c["per_modality"]}.items()))
         expert = "\n".join(f"| {e} | {v['rankings']} | {v['skipped']} |" for e, v in sorted(c["per_expert"].items()))
-        return (f"**{c['groups']} groups**: {c['ranked']} ranked, {c['pending']} waiting for a ranking.\n\n"
+        empty = f", {c['empty']} where the selector passed no candidate" if c["empty"] else ""
+        return (f"**{c['groups']} groups**: {c['ranked']} ranked, {c['pending']} waiting for a ranking{empty}.\n\n"
                 f"| modality | groups | imported ratings |\n|---|---|---|\n{modality}\n\n"
                 f"| expert | rankings | skipped |\n|---|---|---|\n{expert}")
 
     @clear_errors
-    def on_export(kind, dicom, name_value, level_value, request: gr.Request):
+    def on_export(kind, dicom, name_value, level_value, request: gr.Request, progress=gr.Progress()):
+        progress(None, desc=f"writing {EXPORT_FILES.get(kind, kind)} from every stored ranking (one export at a time)")
         return str(api.export(caller(request, name_value, level_value), kind, dicom and kind == "ratings_csv"))
 
     @clear_errors
-    def on_import(file, name_value, level_value, request: gr.Request):
+    def on_import(file, name_value, level_value, request: gr.Request, progress=gr.Progress()):
         if file is None:
-            raise ValueError("choose a ratings CSV or zip first")
+            raise ValueError("choose a ratings zip first")
+        if not str(file).lower().endswith(".zip"):
+            raise ValueError(f"{Path(file).name} is not a zip: upload the ratings CSV zipped with the images it names "
+                             "(a CSV alone reaches the server without its images)")
+        progress(None, desc="reading the ratings and storing their images")
         report = api.import_ratings(caller(request, name_value, level_value), file)
         return f"{report['imported']} rows imported.\n{report['report']}", counts_view()
 

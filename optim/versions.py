@@ -16,10 +16,15 @@ A version travels as a diffusers LoRA file (``export_diffusers_lora``): the same
 prefixed ``unet.`` (``transformer.`` for SD 3 and FLUX) and the adapter's rank, alpha and target layers
 in the file's metadata, which is what the pipeline's ``load_lora_weights`` reads (a file without the
 prefix loads nothing).
+
+A version names the base model it was trained on by the folder's path and by a fingerprint of its files
+(``model_fingerprint``), so that a workdir still opens when the checkout or the model folder moves, and a
+version is never loaded onto other weights that happen to sit at the same path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,6 +54,33 @@ class Version:
     algorithm: str | None
     base_model: str
     metrics: dict = field(default_factory=dict)
+    base_fingerprint: str | None = None  # ``model_fingerprint`` of the base model's folder; None in older versions
+
+
+#: The files of a diffusers folder that decide what the model computes: weights, configs, tokenizers.
+FINGERPRINTED = (".safetensors", ".json", ".txt", ".model")
+_SAMPLED_BYTES = 1 << 20
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A short hash of a model folder's files, the same wherever the folder lies: each file's relative path and
+    size, and its bytes (of a file over 2 MiB, the first and last MiB: a weights file's header, and data that
+    differs between two checkpoints of one architecture). It reads at most 2 MiB a file, not the gigabytes of an
+    SDXL or FLUX checkpoint."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FINGERPRINTED
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as file:
+            if size <= 2 * _SAMPLED_BYTES:
+                digest.update(file.read())
+            else:
+                digest.update(file.read(_SAMPLED_BYTES))
+                file.seek(-_SAMPLED_BYTES, os.SEEK_END)
+                digest.update(file.read(_SAMPLED_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def cpu_fp32(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,7 +110,8 @@ class VersionStore:
         self.get(version_id)
         return load_file(self.root / version_id / "adapter.safetensors")
 
-    def save(self, weights: dict[str, torch.Tensor], *, parent, algorithm, base_model, metrics=None) -> Version:
+    def save(self, weights: dict[str, torch.Tensor], *, parent, algorithm, base_model, metrics=None,
+             base_fingerprint: str | None = None) -> Version:
         """Write a new version atomically and make it current."""
         existing = [int(v.id[1:]) for v in self.list()]
         version = Version(
@@ -88,6 +121,7 @@ class VersionStore:
             algorithm=algorithm,
             base_model=base_model,
             metrics=dict(metrics or {}),
+            base_fingerprint=base_fingerprint,
         )
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:

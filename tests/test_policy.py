@@ -161,3 +161,26 @@ def test_joining_draws_that_differ_names_the_field_that_differs():
             Trajectory.join([base, part])
     with pytest.raises(ValueError, match=r"different noise level, fixed steps cannot form one group"):
         Trajectory.join([base, replace(other, noise_level=0.35, fixed_steps=[2])])
+
+
+def test_a_workdir_follows_its_model_when_the_folder_moves_and_refuses_other_weights(policy, tmp_path):
+    """Versions name their base model by a fingerprint of its files: a moved checkout or model folder keeps its
+    versions; a folder whose weights differ (here one float near the end of the UNet's file) is refused."""
+    import shutil
+
+    from optim.versions import model_fingerprint
+
+    moved = shutil.copytree(policy.model_path, tmp_path / "moved")
+    assert model_fingerprint(moved) == policy.base_fingerprint
+    store = VersionStore(tmp_path / "versions")
+    store.save(policy.lora_state_dict(), parent=None, algorithm=None, base_model=str(policy.model_path),
+               base_fingerprint=policy.base_fingerprint)
+    assert Policy.load(moved).use_version(store, "v0").id == "v0"
+
+    weights = moved / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # the file is 15 MB: the fingerprint reads its first and last MiB
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"version v0 was trained on other weights than the loaded model's: "
+                                             r".* \(files [0-9a-f]{16}\) against .*moved \(files [0-9a-f]{16}\)"):
+        Policy.load(moved).use_version(store, "v0")

@@ -16,13 +16,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import types
 from pathlib import Path
 
 import torch
 
-from optim.versions import Version, VersionStore
+from optim.versions import Version, VersionStore, model_fingerprint
 
 
 def _linear_in_input_dtype(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -165,23 +166,33 @@ class LoraAdapters:
 
     def save_version(self, store: VersionStore, algorithm: str | None = None, metrics: dict | None = None) -> Version:
         """Save the current adapter weights as a new version (made current) and switch to it."""
-        version = store.save(
-            self.lora_state_dict(), parent=self.version, algorithm=algorithm, base_model=str(self.model_path), metrics=metrics
-        )
+        version = store.save(self.lora_state_dict(), parent=self.version, algorithm=algorithm,
+                             base_model=str(self.model_path), metrics=metrics, base_fingerprint=self.base_fingerprint)
         self.version = version.id
         return version
 
     def use_version(self, store: VersionStore, version_id: str) -> Version:
         """Load the weights of ``version_id`` into the denoiser's adapters."""
+        from optim.generators.base import ModelLoadError
+
         version = store.get(version_id)
-        if version.base_model != str(self.model_path):
-            raise ValueError(
-                f"version {version_id} was trained on {version.base_model}, not on the loaded model {self.model_path}"
-            )
+        if version.base_fingerprint is None and version.base_model != str(self.model_path):  # saved before fingerprints
+            raise ModelLoadError(f"version {version_id} was trained on {version.base_model}, not on the loaded model "
+                                 f"{self.model_path}")
+        if version.base_fingerprint not in (None, self.base_fingerprint):
+            raise ModelLoadError(
+                f"version {version_id} was trained on other weights than the loaded model's: {version.base_model} "
+                f"(files {version.base_fingerprint}) against {self.model_path} (files {self.base_fingerprint}); load "
+                f"the model it was trained on, or start a new --workdir")
         self._check_same_start(store)
         self.load_lora_state_dict(store.weights(version_id))
         self.version = version.id
         return version
+
+    @functools.cached_property
+    def base_fingerprint(self) -> str:
+        """The loaded model folder's ``model_fingerprint``: what a version names as its base, wherever it lies."""
+        return model_fingerprint(self.model_path)
 
     def open_versions(self, store: VersionStore) -> Version:
         """Load the store's current version, creating ``v0`` in an empty store: the base model, or base + the

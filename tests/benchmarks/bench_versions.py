@@ -9,7 +9,8 @@ temporary folder (``bench-learning-*``):
 
     python tests/benchmarks/bench_versions.py WORKDIR --expert contrast [--eval 64]
 
-Run it from the checkout the room was made with: a version names the base model's folder it was trained on.
+A version names its base model by a fingerprint of the model folder's files, so any checkout with the same
+embedded model opens the room's versions.
 """
 
 import argparse

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -122,7 +123,7 @@ def unpack_ratings_archive(archive: str | Path, folder: str | Path, max_files: i
                 if not (folder / entry.filename).resolve().is_relative_to(folder):
                     raise RatingsFileError(f"{archive.name}: entry {entry.filename!r} would unpack outside the archive's folder")
             zipped.extractall(folder)
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # a damaged member fails in zlib, a cut one early
         raise RatingsFileError(f"{archive.name}: not a readable zip archive ({error})") from None
     csvs = sorted(p for p in folder.rglob("*.csv") if not p.name.startswith("."))
     if len(csvs) != 1:

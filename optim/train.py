@@ -135,8 +135,9 @@ def train(config: TrainConfig) -> Path:
     if config.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user set WANDB_MODE
     data = read_prompts(config.prompts) if config.algorithm == "grpo" else preference_pairs(config.data)  # fail before loading
-    if not len(data):
-        raise ValueError(f"{config.data} has no decided pair to learn from: every row is a tie")
+    if not len(data):  # prompts are never empty (read_prompts refuses that): no pair, and why
+        rows = f"; {data.report}" if isinstance(data, RatingsPairs) else ""
+        raise ValueError(f"{config.data} has no decided pair to learn from: {data.ties} ties dropped{rows}")
     trainer = Trainer(config)
     say = trainer.accelerator.print  # main process only
     say(f"{trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}; run folder {trainer.run_dir}")

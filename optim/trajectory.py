@@ -30,7 +30,7 @@ class SamplingSettings:
     def check(self) -> None:
         if not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
-        if self.guidance < 1.0:
+        if not self.guidance >= 1.0:  # a NaN is refused too (every comparison with it is false)
             raise ValueError(f"guidance must be at least 1.0 (1.0 = no guidance), got {self.guidance}")
         if not 0.0 < self.eta <= 1.0:
             raise ValueError(f"eta must be in (0, 1], got {self.eta}: log-probabilities need a stochastic step")

@@ -130,6 +130,10 @@ def test_a_half_precision_policy_keeps_the_files_exact_fp32_adapters(outside_lor
 def test_lora_files_the_workbench_cannot_train_are_refused_with_reasons(tmp_path, outside_lora):
     with pytest.raises(ModelLoadError, match="LoRA file not found"):
         Policy.load(lora=tmp_path / "missing.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\x10\x00")  # not safetensors (a pickle or a file cut short reads the same)
+    with pytest.raises(ModelLoadError, match="could not read the LoRA file .*cut.safetensors"):
+        Policy.load(lora=cut)
     path, _ = outside_lora
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -103,6 +103,8 @@ def test_bad_sampling_requests_are_refused_with_reasons(policy):
         policy.sample(PROMPT, n=0)
     with pytest.raises(ValueError, match="eta must be in"):
         policy.sample(PROMPT, n=1, eta=0.0)
+    with pytest.raises(ValueError, match="guidance must be at least 1.0 .* got nan"):  # NaN fails every comparison
+        policy.sample(PROMPT, n=1, guidance=float("nan"))
 
 
 def test_cli_writes_pngs_and_log_probs(tmp_path, capsys):

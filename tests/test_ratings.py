@@ -190,3 +190,13 @@ def test_an_archive_over_the_uncompressed_size_is_refused_unread(tmp_path):
         unpack_ratings_archive(archive, tmp_path / "out", max_bytes=2_000_000)
     assert not (tmp_path / "out" / "images").exists()
     assert (MAX_ARCHIVE_FILES, MAX_ARCHIVE_BYTES) == (20_000, 4 * 1024**3)  # the defaults the README names
+
+
+def test_an_archive_whose_member_is_damaged_is_a_file_error_naming_it(tmp_path):
+    archive = _zip(tmp_path / "damaged.zip", {"ratings.csv": b"image_path,rating\n" * 2000})
+    data = bytearray(archive.read_bytes())
+    start = data.index(b"ratings.csv") + len("ratings.csv")  # the local header's name; the deflated bytes follow
+    data[start + 20:start + 40] = bytes(20)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(RatingsFileError, match="damaged.zip: not a readable zip archive"):
+        unpack_ratings_archive(archive, tmp_path / "out")

@@ -181,3 +181,15 @@ def test_ratings_csv_gives_pairs_within_each_prompt_by_level_weighted_score(tmp_
     assert caption == prompt and winner.size == (64, 64) and winner.mode == "L"
     train(TrainConfig(data=str(csv), out=str(tmp_path / "runs"), batch_size=2, report_to="none", dpo=FAST_DPO))
     assert "2 pairs within prompts, 1 ties dropped" in capsys.readouterr().out
+
+
+def test_a_ratings_csv_with_no_usable_pair_says_why_before_loading_the_model(tmp_path):
+    from data.ratings import write_ratings
+
+    csv = write_ratings([{"image_path": name, "rating": 3, "modality": "CT", "expert_level": 1,
+                          "prompt": "CT: axial slice of the abdomen"} for name in ("gone.png", "lost.png")],
+                        tmp_path / "ratings.csv")
+    with pytest.raises(ValueError, match=r"(?s)ratings.csv has no decided pair to learn from: 0 ties dropped; "
+                                         r"0 rows usable, 2 rejected:.*row 2: image_path: file not found"):
+        train(TrainConfig(data=str(csv), out=str(tmp_path / "runs"), report_to="none"))
+    assert not (tmp_path / "runs").exists()

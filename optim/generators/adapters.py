@@ -22,6 +22,7 @@ import types
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from optim.versions import Version, VersionStore, model_fingerprint
 
@@ -86,7 +87,7 @@ class LoraAdapters:
             raise ModelLoadError(f"LoRA file not found: {path}")
         try:
             state = type(self.pipeline).lora_state_dict(str(path), use_safetensors=True)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: not safetensors, or cut short
             raise ModelLoadError(f"could not read the LoRA file {path}: {error}") from error
         state = state[0] if isinstance(state, tuple) else state
         prefix, label = f"{self.denoiser_name}.", self.denoiser_label

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 
+from data.store import StoreError
 from optim.generators.kernels import check_noise_level
 from optim.policy import DTYPES, ModelLoadError
 from optim.selector.model import SelectorLoadError
@@ -54,6 +56,10 @@ def main(argv=None) -> int:
               "or --insecure-no-auth if that is really meant", file=sys.stderr)
         return 2
 
+    taken = port_problem(args.host, args.port)  # before the model loads: minutes for SDXL or FLUX
+    if taken:
+        print(f"error: --host {args.host} --port {args.port}: {taken}", file=sys.stderr)
+        return 2
     if args.steps is not None and not 1 <= args.steps <= 1000:
         print(f"error: --steps must be between 1 and 1000, got {args.steps}", file=sys.stderr)
         return 2
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
         room = ControlRoom(args.model, args.workdir, selector=args.selector, store_url=args.store_url,
                            auto_register=users is None, dtype=args.dtype, lora=args.lora, config=config,
                            noise_level=args.noise_level)
-    except (ModelLoadError, SelectorLoadError, UsersFileError) as error:  # anything else is a bug: its traceback shows
+    except (ModelLoadError, SelectorLoadError, UsersFileError, StoreError) as error:  # anything else is a bug: its traceback shows
         print(f"error: {error}", file=sys.stderr)
         return 2
     if users is None and not is_loopback(args.host):
@@ -89,6 +95,23 @@ def main(argv=None) -> int:
               file=sys.stderr)
     serve(RoomAPI(room, users), host=args.host, port=args.port)
     return 0
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the page could not listen on ``host:port`` (out of range, an unknown address, or in use), or None."""
+    if not 1 <= port <= 65535:
+        return "a port is a number from 1 to 65535"
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        return f"not an address of this machine ({error.strerror})"
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it: a closing socket is no owner
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return f"cannot listen there ({error.strerror}): another server may hold it; pass another --port"
+    return None
 
 
 def is_loopback(host: str) -> bool:

@@ -34,7 +34,8 @@ from typing import NamedTuple
 
 from sqlalchemy import (JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, inspect, select,
                         text)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import (DeclarativeBase, Mapped, column_property, lazyload, mapped_column, relationship,
                             sessionmaker)
 
@@ -248,18 +249,30 @@ class NewCandidate:
 
 class Store:
     def __init__(self, workdir: str | Path, url: str | None = None):
+        """Open (and create) the store. A work directory that is a file, a URL that is not one, a database driver
+        that is not installed or a server that does not answer raise ``StoreError`` saying which."""
         self.workdir = Path(workdir)
+        if self.workdir.exists() and not self.workdir.is_dir():
+            raise StoreError(f"the work directory {self.workdir} is a file, not a folder")
         self.blobs = BlobStore(self.workdir / "blobs")
-        # As many pooled connections as request threads that may query at once: past the pool's size,
-        # each request would open and close its own (PostgreSQL starts a server process per connection).
-        self.engine = create_engine(url or f"sqlite:///{self.workdir / 'workbench.db'}", pool_size=POOL_SIZE,
-                                    max_overflow=POOL_SIZE)
-        # SQLite takes one writer at a time and makes the others poll in sleeps of up to 100 ms; writers
-        # of this process queue on a lock instead (other processes still meet the busy timeout).
-        self._one_writer = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        url = url or f"sqlite:///{self.workdir / 'workbench.db'}"
+        try:
+            # As many pooled connections as request threads that may query at once: past the pool's size,
+            # each request would open and close its own (PostgreSQL starts a server process per connection).
+            self.engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
+            # SQLite takes one writer at a time and makes the others poll in sleeps of up to 100 ms; writers
+            # of this process queue on a lock instead (other processes still meet the busy timeout).
+            self._one_writer = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            Base.metadata.create_all(self.engine)
+        except ArgumentError:
+            raise StoreError(f"the store URL {url!r} is not an SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db, "
+                             "or none for SQLite in the work directory)") from None
+        except (NoSuchModuleError, ImportError) as error:
+            raise StoreError(f"the store URL {_shown(url)} needs a database driver that is not installed: {error}") from None
+        except OperationalError as error:
+            raise StoreError(f"cannot open the store at {_shown(url)}: {error.orig}") from None
         _add_missing_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # What never changes once stored, remembered so that a ranking is its insert alone (on a database
@@ -702,6 +715,11 @@ def _check_answer(group_id: str, candidates: list, tiers: list, ratings: dict | 
             faults.append(f"rating {rating!r} for {candidate!r} (ratings are 1-3 for this group's candidates)")
     if faults:
         raise StoreError(f"group {group_id}: ranking refused: {'; '.join(faults)}; survivors are {', '.join(survivors)}")
+
+
+def _shown(url: str) -> str:
+    """A store URL as messages show it: its password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _row(row: Base, **extra) -> dict:

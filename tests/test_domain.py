@@ -252,3 +252,29 @@ def test_the_reward_models_selector_features_refuse_the_gates_alone():
 
     with pytest.raises(ValueError, match="the 'selector' features need a selector network"):
         featurizer("selector", selector=Selector.load(GATES))([make_phantom("CT", 0).image])
+
+
+def test_app_refuses_a_bad_workdir_store_url_or_port_in_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    import socket
+
+    import app
+
+    monkeypatch.setattr("optim.policy.Policy.load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    a_file = tmp_path / "workdir.txt"
+    a_file.write_text("not a folder")
+    assert app.main(["--workdir", str(a_file)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: the work directory {a_file} is a file, not a folder"
+    assert app.main(["--workdir", str(tmp_path / "run"), "--store-url", "notaurl"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: the store URL 'notaurl' is not an SQLAlchemy URL")
+    assert app.main(["--workdir", str(tmp_path / "run"), "--store-url", "sqlite:////nonexistent/folder/x.db"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: cannot open the store at sqlite:////nonexistent/folder/x.db: "
+                                               "unable to open database file")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert app.main(["--port", str(port)]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: --host 127.0.0.1 --port {port}: cannot listen there "
+                                                   "(Address already in use): another server may hold it; pass another --port")
+    assert app.main(["--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --host 127.0.0.1 --port 70000: a port is a number from 1 to 65535"

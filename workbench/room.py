@@ -108,13 +108,13 @@ class ControlRoom:
         ``noise_level``: a flow-matching model's SDE noise level (default 0.7; ``optim.generators.flow``)."""
         self.auto_register = auto_register
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # The store and the selector before the model (minutes for SDXL or FLUX): a bad one fails fast.
+        self.store = Store(self.workdir, store_url)
         self.config = config or RoomConfig()
-        judge = Selector.load(selector)  # a folder, None (the embedded one) or "gates"; before the model: a bad one fails fast
+        judge = Selector.load(selector)  # a folder, None (the embedded one) or "gates"
         options = {} if noise_level is None else {"noise_level": noise_level}
         self.policy = Policy.load(model, dtype=dtype, lora=lora, **options)  # dtype: bf16 | fp16 | fp32; lora: a diffusers LoRA to start from
         self.version_store = VersionStore(self.workdir / "versions")
-        self.store = Store(self.workdir, store_url)
         self.sampler = RejectionSampler(self.policy, judge, SamplerConfig(
             self.config.survivors, self.config.batch_size, self.config.max_draws))
         self.model_lock = threading.Lock()

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -63,7 +64,7 @@ from optim.preference.grpo import STEP_WEIGHTINGS, group_advantages, grpo_pass, 
 from optim.policy import DTYPES, ModelLoadError, Policy
 from optim.selector.model import GATES, Selector
 from optim.train_data import PickAPicPairs, RatingsPairs, collate_pairs, preference_pairs, read_prompts  # noqa: F401
-from optim.trajectory import Condition
+from optim.trajectory import Condition, SamplingSettings
 from optim.preference.update import ALGORITHMS, UpdateConfig
 from optim.versions import cpu_fp32
 
@@ -118,6 +119,13 @@ class TrainConfig(UpdateConfig):
             raise ValueError("--two-stage filters preference pairs: it needs --algorithm dpo")
         if self.epochs < 1 or self.batch_size < 1 or self.group_size < 2:
             raise ValueError("epochs and batch size must be at least 1, and a group at least 2 candidates")
+        if self.lora_rank < 1:
+            raise ValueError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.algorithm == "grpo":
+            SamplingSettings(steps=self.steps, guidance=self.guidance).check()
+        if self.report_to in TRACKERS and self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise ValueError(f"--report-to {self.report_to}: {self.report_to} is not installed (pip install "
+                             f"{self.report_to}), and the run would log nothing; or pass --report-to none")
         if changed := [name for name in IN_PROCESS_ONLY if getattr(self, name) != getattr(UpdateConfig, name)]:
             raise ValueError(f"{', '.join(changed)}: settings of an in-process update, which offline training does not use")
 
@@ -174,6 +182,8 @@ class Trainer:
         self.accelerator = Accelerator(log_with=tracker, project_dir=self.run_dir,
                                        kwargs_handlers=[AutocastKwargs(enabled=False)])
         set_seed(config.seed)
+        # The selector before the model (minutes for SDXL or FLUX): a folder that is not one fails fast.
+        self.selector = Selector.load(config.selector) if config.two_stage or config.algorithm == "grpo" else None
         mixed = self.accelerator.mixed_precision
         self.policy = Policy.load(config.model, device=str(self.accelerator.device), lora_rank=config.lora_rank,
                                   dtype=config.dtype or (mixed if mixed in DTYPES else None))
@@ -185,7 +195,6 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(PolicyLoss(self.policy), optimizer)
         # DPO's timesteps and noise, GRPO's group seeds: one stream per process, so shards draw apart.
         self.generator = torch.Generator().manual_seed(config.seed + self.accelerator.process_index)
-        self.selector = Selector.load(config.selector) if config.two_stage or config.algorithm == "grpo" else None
         self.epoch = self.global_step = 0
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True)

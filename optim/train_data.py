@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
+import numbers
 from pathlib import Path
 
 from PIL import Image
@@ -49,16 +51,26 @@ class PickAPicPairs(Dataset):
     """
 
     def __init__(self, path: str | Path):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
+        self.path = Path(path)
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowException, OSError) as error:
+            raise ValueError(f"{path} is not a readable parquet file ({error})") from None
+        missing = [c for c in COLUMNS if c not in names]
         if missing:
             raise ValueError(f"{path} is not in Pick-a-Pic format: no column {', '.join(missing)} (needs {', '.join(COLUMNS)})")
-        columns = list(COLUMNS) + (["expert_level"] if "expert_level" in pq.read_schema(path).names else [])
+        columns = list(COLUMNS) + (["expert_level"] if "expert_level" in names else [])
         self.table = pq.read_table(path, columns=columns, memory_map=True)
         self.levels = (self.table["expert_level"].to_pylist() if "expert_level" in columns
                        else [1] * self.table.num_rows)
-        labels = zip(self.table["label_0"].to_pylist(), self.table["label_1"].to_pylist())
+        labels = list(zip(self.table["label_0"].to_pylist(), self.table["label_1"].to_pylist()))
+        _refuse_rows(path, "label_0 and label_1 must be numbers (1 and 0, or 0.5 and 0.5 for a tie)",
+                     [row for row, pair in enumerate(labels) if not all(_finite(label) for label in pair)])
+        _refuse_rows(path, "expert_level must be a number from 1 to 3",
+                     [row for row, level in enumerate(self.levels) if not _finite(level) or not 1 <= level <= 3])
         self.rows = [(row, 0 if l0 > l1 else 1) for row, (l0, l1) in enumerate(labels) if l0 != l1]  # (row, winner)
         self.ties = self.table.num_rows - len(self.rows)
 
@@ -67,8 +79,28 @@ class PickAPicPairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image, str, float]:
         row, winner = self.rows[index]
-        winner_image, loser_image = (decode_image(self.table[f"jpg_{side}"][row].as_py()) for side in (winner, 1 - winner))
+        winner_image, loser_image = (self._image(row, side) for side in (winner, 1 - winner))
         return winner_image, loser_image, self.table["caption"][row].as_py(), float(self.levels[row])
+
+    def _image(self, row: int, side: int) -> Image.Image:
+        """One image cell, decoded when a batch needs it; a cell that is not an image names its row and column."""
+        try:
+            image = decode_image(self.table[f"jpg_{side}"][row].as_py())
+            image.load()
+        except (OSError, TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{self.path} row {row} (counting from 0), jpg_{side}: not an image ({error})") from None
+        return image
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _refuse_rows(path, rule: str, rows: list[int]) -> None:
+    """Raise naming the first rows (counting from 0) that break ``rule``, and how many there are."""
+    if rows:
+        shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        raise ValueError(f"{path}: {'row' if len(rows) == 1 else 'rows'} {shown} (counting from 0): {rule}")
 
 
 class RatingsPairs(Dataset):

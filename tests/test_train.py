@@ -193,3 +193,31 @@ def test_a_ratings_csv_with_no_usable_pair_says_why_before_loading_the_model(tmp
                                          r"0 rows usable, 2 rejected:.*row 2: image_path: file not found"):
         train(TrainConfig(data=str(csv), out=str(tmp_path / "runs"), report_to="none"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_settings_that_cannot_run_are_refused_before_the_model_loads(monkeypatch):
+    with pytest.raises(ValueError, match="--lora-rank must be at least 1, got 0"):
+        TrainConfig(data="pairs.parquet", lora_rank=0).check()
+    with pytest.raises(ValueError, match="steps must be between 1 and 1000, got 0"):
+        TrainConfig(algorithm="grpo", prompts="prompts.txt", steps=0).check()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # a machine without the tracker
+    with pytest.raises(ValueError, match=r"--report-to wandb: wandb is not installed \(pip install wandb\), and the "
+                                         r"run would log nothing; or pass --report-to none"):
+        TrainConfig(data="pairs.parquet", report_to="wandb").check()
+    TrainConfig(data="pairs.parquet", report_to="none").check()
+
+
+def test_pick_a_pic_cells_that_cannot_train_name_their_row_and_column(tmp_path):
+    prompt, first, second = phantom_pair("CT", 1)
+    with pytest.raises(ValueError, match=r"nulls.parquet: rows 1, 2 \(counting from 0\): label_0 and label_1 must be "
+                                         r"numbers"):
+        PickAPicPairs(write_pick_a_pic(tmp_path / "nulls.parquet", [(prompt, first, second, 1.0, 0.0),
+                                                                    (prompt, first, second, None, 0.0),
+                                                                    (prompt, first, second, 1.0, float("nan"))]))
+    not_parquet = tmp_path / "pairs.parquet"
+    not_parquet.write_text("caption,jpg_0\n")
+    with pytest.raises(ValueError, match=r"pairs.parquet is not a readable parquet file"):
+        PickAPicPairs(not_parquet)
+    pairs = PickAPicPairs(write_pick_a_pic(tmp_path / "bad-image.parquet", [(prompt, first, b"not a png", 0.0, 1.0)]))
+    with pytest.raises(ValueError, match=r"bad-image.parquet row 0 \(counting from 0\), jpg_1: not an image"):
+        pairs[0]

@@ -94,6 +94,9 @@ def test_missing_or_unsupported_model_folders_get_clear_errors(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))  # SDXL loads now
     with pytest.raises(ModelLoadError, match="KandinskyV22Pipeline, which is not supported"):
         Policy.load(tmp_path)
+    with pytest.raises(ModelLoadError, match=f"model_index.json is a file; a model is a diffusers pipeline folder: "
+                                             f"pass its folder, {tmp_path}$"):
+        Policy.load(tmp_path / "model_index.json")
 
 
 def test_bad_sampling_requests_are_refused_with_reasons(policy):

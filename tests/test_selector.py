@@ -130,3 +130,11 @@ def test_default_generator_candidates_pass_their_prompt_and_fail_another_modalit
                 judged_wrong += len(verdicts)
     assert own >= 12  # of 16 well-formed candidates (the benchmark reports the rate on 152)
     assert wrong / judged_wrong >= 0.9  # the bar for the modality check
+
+
+def test_train_command_refuses_an_out_that_is_a_file_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("workbench.selector.train_selector", lambda *args, **kwargs: pytest.fail("it trained"))
+    taken = tmp_path / "selector.txt"
+    taken.write_text("")
+    assert main(["train", "--ratings", str(tmp_path / "ratings.csv"), "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {taken} is a file; the selector is written into a folder"

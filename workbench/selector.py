@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from data.images import ImageReadError, read_image
 from data.modalities import display_name
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "score":
             return _score_command(args)
+        if Path(args.out).exists() and not Path(args.out).is_dir():  # before training, not after
+            raise ValueError(f"--out {args.out} is a file; the selector is written into a folder")
         config = TrainingConfig(epochs=args.epochs, seed=args.seed, rating_min=args.rating_min, rating_max=args.rating_max)
         report = train_selector(args.ratings, args.out, config, data_root=args.data_root)
         print(json.dumps(report, indent=2))

@@ -40,6 +40,9 @@ def family_for(path: Path) -> type[Generator]:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model folder not found: {path}")
+    if path.is_file():
+        hint = f": pass its folder, {path.parent}" if path.name == "model_index.json" else ""
+        raise ModelLoadError(f"{path} is a file; a model is a diffusers pipeline folder{hint}")
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")

@@ -89,6 +89,8 @@ def test_log_in_generate_rank_with_the_keyboard_see_losses_verify_download(serve
 
         page.get_by_role("tab", name="Models").click()
         page.wait_for_selector("text=Compare on the same seeds")
+        page.get_by_role("button", name="Roll back").click()  # to the version that is current: says so
+        page.wait_for_selector("text=v0 was current already: nothing changed.")
         page.screenshot(path=str(SHOTS / "models.png"), full_page=True)
 
         assert nudged_version(room) == "v1"  # a second version to verify against its parent, v0

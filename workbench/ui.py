@@ -470,7 +470,10 @@ def models_tab(page: Page) -> View:
 
     @clear_errors
     def on_rollback(target, name_value, level_value, request: gr.Request):
+        was_current = room.policy.version
         version = api.rollback(caller(request, name_value, level_value), target)
+        if version["id"] == was_current:
+            return f"**{version['id']}** was current already: nothing changed."
         return f"**{version['id']}** is current again; the next round samples from it."
 
     models = View(models_view, [versions_table, version_a, version_b, rollback_to])

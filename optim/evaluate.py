@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch import nn
 
 from data.modalities import MODALITIES
 from data.phantoms import FINDINGS, make_phantom, phantom_set, stack_images
-from optim.policy import Policy
+from optim.policy import ModelLoadError, Policy
 
 HELD_OUT_SEED = 1_000_000  # the generator trains on seeds below 12 000
 
@@ -132,7 +133,7 @@ def save_grid(images, path: str | Path, columns: int) -> None:
     grid.save(path)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate the default generator against its quality bar.")
     parser.add_argument("--model", default=None)
     parser.add_argument("--per-modality", type=int, default=20)
@@ -140,15 +141,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--grid", default=None, help="write a PNG grid of the samples here")
     args = parser.parse_args(argv)
+    try:
+        policy = Policy.load(args.model)  # first: a folder that is not a model fails before the judge trains (a minute)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     classifier = train_classifier()
-    policy = Policy.load(args.model)
     report, images, _ = evaluate(policy, classifier, args.per_modality, steps=args.steps)
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if args.grid:
         save_grid(images, args.grid, columns=args.per_modality)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -189,3 +189,12 @@ def test_a_workdir_follows_its_model_when_the_folder_moves_and_refuses_other_wei
     with pytest.raises(ModelLoadError, match=r"version v0 was trained on other weights than the loaded model's: "
                                              r".* \(files [0-9a-f]{16}\) against .*moved \(files [0-9a-f]{16}\)"):
         Policy.load(moved).use_version(store, "v0")
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_model_in_one_line_before_training_its_judge(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from optim import evaluate
+
+    monkeypatch.setattr(evaluate, "train_classifier", lambda: pytest.fail("the judge was trained"))
+    assert evaluate.main(["--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model folder not found: {tmp_path / 'nope'}"

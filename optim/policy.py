@@ -40,12 +40,16 @@ Policy = Generator  # the name the README, the room and the tests use
 
 
 def _sample_command(args) -> None:
+    out, versions = Path(args.out), Path(args.workdir) / "versions"
+    if out.exists() and not out.is_dir():  # found before the model loads and samples, not after
+        raise ValueError(f"--out {out} is a file; the candidates are written into a folder")
+    if args.version and not versions.is_dir():  # and no empty version store left behind in a wrong --workdir
+        raise ValueError(f"--version {args.version}: {args.workdir} holds no versions (no {versions} folder)")
     options = {} if args.noise_level is None else {"noise_level": args.noise_level}
     policy = Policy.load(args.model, dtype=args.dtype, lora=args.lora, **options)
     if args.version:
-        policy.use_version(VersionStore(Path(args.workdir) / "versions"), args.version)
+        policy.use_version(VersionStore(versions), args.version)
     result = policy.sample(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance, eta=args.eta)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = result.trajectory
     candidates = []

@@ -127,7 +127,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err == f"error: model folder not found: {tmp_path / 'missing'}"
     code = main(["sample", "--prompt", "CT: axial", "--out", str(tmp_path), "--version", "v9", "--workdir", str(tmp_path)])
     assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: --version v9: {tmp_path} holds no versions (no {tmp_path / 'versions'} folder)"
+    assert not (tmp_path / "versions").exists()  # nothing left behind
+    VersionStore(tmp_path / "versions")
+    code = main(["sample", "--prompt", "CT: axial", "--out", str(tmp_path), "--version", "v9", "--workdir", str(tmp_path)])
+    assert code == 2
     assert capsys.readouterr().err.strip() == "error: unknown version 'v9'; known versions: none"
+    taken = tmp_path / "taken.txt"
+    taken.write_text("")
+    assert main(["sample", "--prompt", "CT: axial", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {taken} is a file; the candidates are written into a folder"
 
 
 def test_trajectory_round_trips_through_bytes_and_rescores_exactly(policy):

@@ -207,3 +207,14 @@ def test_evaluate_refuses_a_folder_that_is_not_a_model_in_one_line_before_traini
     monkeypatch.setattr(evaluate, "train_classifier", lambda: pytest.fail("the judge was trained"))
     assert evaluate.main(["--model", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip() == f"error: model folder not found: {tmp_path / 'nope'}"
+
+
+def test_a_model_with_pickled_weights_is_refused_saying_why_without_unpickling(policy, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(policy.model_path, tmp_path / "pickled")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    with pytest.raises(ModelLoadError, match=r"holds pickled weights \(unet/diffusion_pytorch_model.bin\) and no "
+                                             r"safetensors for them: the workbench never unpickles a checkpoint"):
+        Policy.load(folder)

@@ -173,6 +173,14 @@ class Generator(LoraAdapters):
         pipeline_class = getattr(diffusers, cls.pipeline_classes[0])
         index = json.loads((path / "model_index.json").read_text())
         absent = {name: None for name, value in index.items() if isinstance(value, list) and value and value[0] is None}
+        pickled = sorted(f"{component.name}/{weights.name}" for component in path.iterdir() if component.is_dir()
+                         and not any(component.glob("*.safetensors"))
+                         for weights in (*component.glob("*.bin"), *component.glob("*.ckpt"), *component.glob("*.pt")))
+        if pickled:  # diffusers would look for safetensors on the hub first, and say only that it found none
+            raise ModelLoadError(f"{path} holds pickled weights ({', '.join(pickled)}) and no safetensors for them: the "
+                                 "workbench never unpickles a checkpoint (loading a pickle can run code); convert them "
+                                 "to safetensors (pipeline.save_pretrained(folder, safe_serialization=True) in a trusted "
+                                 "environment)")
         try:
             return pipeline_class.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=torch_dtype,
                                                   **{**absent, **cls.pipeline_options})

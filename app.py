@@ -56,10 +56,6 @@ def main(argv=None) -> int:
               "or --insecure-no-auth if that is really meant", file=sys.stderr)
         return 2
 
-    taken = port_problem(args.host, args.port)  # before the model loads: minutes for SDXL or FLUX
-    if taken:
-        print(f"error: --host {args.host} --port {args.port}: {taken}", file=sys.stderr)
-        return 2
     if args.steps is not None and not 1 <= args.steps <= 1000:
         print(f"error: --steps must be between 1 and 1000, got {args.steps}", file=sys.stderr)
         return 2
@@ -73,6 +69,10 @@ def main(argv=None) -> int:
         except ValueError as error:
             print(f"error: --noise-level: {error}", file=sys.stderr)
             return 2
+    taken = port_problem(args.host, args.port)  # before the model loads: minutes for SDXL or FLUX
+    if taken:
+        print(f"error: --host {args.host} --port {args.port}: {taken}", file=sys.stderr)
+        return 2
 
     from workbench.api import RoomAPI
     from workbench.auth import Users, UsersFileError

@@ -197,6 +197,7 @@ def test_a_room_exports_prompts_whose_prefix_is_no_modality_name_so_that_they_im
 def test_app_passes_selector_gates_steps_and_the_collapse_guard_to_the_room_and_refuses_bad_ones_in_one_line(monkeypatch, capsys, tmp_path):
     import app
 
+    monkeypatch.setattr(app, "port_problem", lambda host, port: None)  # another test's page may hold the port
     assert app.main(["--workdir", str(tmp_path), "--selector", str(tmp_path / "nope")]) == 2  # before any model loads
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'nope'} is not a selector folder: "
                                                "expected selector.safetensors and selector.json")
@@ -219,6 +220,7 @@ def test_app_passes_selector_gates_steps_and_the_collapse_guard_to_the_room_and_
 def test_app_answers_load_errors_in_one_line_and_lets_a_bug_raise(monkeypatch, capsys, tmp_path, derm_selector):
     import app
 
+    monkeypatch.setattr(app, "port_problem", lambda host, port: None)  # another test's page may hold the port
     workdir = ["--workdir", str(tmp_path / "run")]
     assert app.main(workdir + ["--noise-level", "1.5"]) == 2  # before anything loads
     assert capsys.readouterr().err.strip().startswith("error: --noise-level: noise_level must be in (0, 1], got 1.5")
@@ -260,6 +262,8 @@ def test_app_refuses_a_bad_workdir_store_url_or_port_in_one_line_before_the_mode
     import app
 
     monkeypatch.setattr("optim.policy.Policy.load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    port_problem = app.port_problem
+    monkeypatch.setattr(app, "port_problem", lambda host, port: None)  # another test's page may hold the port
     a_file = tmp_path / "workdir.txt"
     a_file.write_text("not a folder")
     assert app.main(["--workdir", str(a_file)]) == 2
@@ -269,6 +273,7 @@ def test_app_refuses_a_bad_workdir_store_url_or_port_in_one_line_before_the_mode
     assert app.main(["--workdir", str(tmp_path / "run"), "--store-url", "sqlite:////nonexistent/folder/x.db"]) == 2
     assert capsys.readouterr().err.strip() == ("error: cannot open the store at sqlite:////nonexistent/folder/x.db: "
                                                "unable to open database file")
+    monkeypatch.setattr(app, "port_problem", port_problem)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()

@@ -256,6 +256,7 @@ def test_serving_beyond_loopback_without_logins_is_refused_unless_insecure_is_as
     assert capsys.readouterr().err.startswith("error: --host 0.0.0.0 without --auth: anyone who can reach this "
                                               "address could rank, update, roll back and export as an admin")
     served_on = []
+    monkeypatch.setattr(app, "port_problem", lambda host, port: None)  # another test's page may hold the port
     monkeypatch.setattr("workbench.room.ControlRoom", lambda *args, **kwargs: None)
     monkeypatch.setattr("workbench.api.RoomAPI", lambda room, users: users)
     monkeypatch.setattr("workbench.ui.serve", lambda api, host, port: served_on.append(host))

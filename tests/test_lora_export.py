@@ -171,8 +171,10 @@ def test_a_room_started_from_a_lora_hands_its_versions_out_over_http(tmp_path, o
     assert torch.allclose(plain_output(pipeline), outside, atol=1e-5, rtol=0)
 
 
-def test_app_refuses_a_missing_lora_file_in_one_line(tmp_path, capsys):
+def test_app_refuses_a_missing_lora_file_in_one_line(tmp_path, capsys, monkeypatch):
+    import app
     from app import main
 
+    monkeypatch.setattr(app, "port_problem", lambda host, port: None)  # another test's page may hold the port
     assert main(["--workdir", str(tmp_path), "--lora", str(tmp_path / "nope.safetensors")]) == 2
     assert capsys.readouterr().err.strip() == f"error: LoRA file not found: {tmp_path / 'nope.safetensors'}"

@@ -23,6 +23,7 @@ Decisions, and why:
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import uuid
 from collections import Counter
@@ -267,7 +268,8 @@ class Store:
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             Base.metadata.create_all(self.engine)
         except ArgumentError:
-            raise StoreError(f"the store URL {url!r} is not an SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db, "
+            typed = re.sub(r"(:)[^:/@]*@", r"\1***@", url)  # a password before an "@" stays hidden, parsed or not
+            raise StoreError(f"the store URL {typed!r} is not an SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db, "
                              "or none for SQLite in the work directory)") from None
         except (NoSuchModuleError, ImportError) as error:
             raise StoreError(f"the store URL {_shown(url)} needs a database driver that is not installed: {error}") from None

@@ -270,6 +270,8 @@ def test_app_refuses_a_bad_workdir_store_url_or_port_in_one_line_before_the_mode
     assert capsys.readouterr().err.strip() == f"error: the work directory {a_file} is a file, not a folder"
     assert app.main(["--workdir", str(tmp_path / "run"), "--store-url", "notaurl"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: the store URL 'notaurl' is not an SQLAlchemy URL")
+    assert app.main(["--workdir", str(tmp_path / "run"), "--store-url", "postgresql//bob:s3cret@box/db"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: the store URL 'postgresql//bob:***@box/db' is not")
     assert app.main(["--workdir", str(tmp_path / "run"), "--store-url", "sqlite:////nonexistent/folder/x.db"]) == 2
     assert capsys.readouterr().err.strip() == ("error: cannot open the store at sqlite:////nonexistent/folder/x.db: "
                                                "unable to open database file")
